@@ -1,0 +1,19 @@
+"""The `stag` command line: thin Typer commands over plain functions (one module per command)."""
+import typer
+
+app = typer.Typer(help="Turn pretrained Hugging Face decoders into StagFormer models: convert, "
+                       "fine-tune, evaluate, generate and benchmark.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+
+@app.callback()
+def _root():
+    """Keep `stag` a command group even while it has one command."""
+
+
+from . import convert  # noqa: E402,F401  (each module registers its command on `app`)
+
+
+def main():
+    app()

@@ -1,0 +1,410 @@
+"""The StagFormer causal LM: one readable model file.
+
+A decoder's L layers are split into `sections` (separate weights) or run as `sections` passes
+of the same L layers (shared weights). Section s>0 starts again from the token embedding and,
+at every layer, cross-attends to section s-1's outputs at positions < i (strictly causal).
+
+Storage: `blocks[j]` holds depth j of EVERY section, each weight stacked over sections as
+[weight_sets, out, in]. Training runs section after section over the whole sequence
+(`run_sections`); decoding runs all sections at once, one batched matmul per depth (`step`).
+Both use the same Block code, so they give the same logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+class StagConfig(PretrainedConfig):
+    model_type = "stag"
+
+    def __init__(self, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=None,
+                 head_dim=None, intermediate_size=128, norm="rms", norm_eps=1e-6, positions="rope",
+                 rope_theta=10000.0, max_positions=512, mlp="gated", activation="silu",
+                 qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=True,
+                 sections=1, shared=False, window=None, lagged_input=False, stag_recipe=None, **kwargs):
+        self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim or hidden_size // num_heads
+        self.intermediate_size, self.norm, self.norm_eps = intermediate_size, norm, norm_eps
+        self.positions, self.rope_theta, self.max_positions = positions, rope_theta, max_positions
+        self.mlp, self.activation = mlp, activation
+        self.qkv_bias, self.o_bias, self.mlp_bias = qkv_bias, o_bias, mlp_bias
+        self.tie_embeddings = tie_embeddings
+        self.sections, self.shared, self.window, self.lagged_input = sections, shared, window, lagged_input
+        self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
+        kwargs.setdefault("tie_word_embeddings", False)  # we tie by reusing embed.weight, not HF's tying
+        super().__init__(**kwargs)
+
+    @property
+    def depth(self) -> int:  # layers per section
+        return self.num_layers if self.shared else self.num_layers // self.sections
+
+    @property
+    def weight_sets(self) -> int:
+        return 1 if self.shared else self.sections
+
+    @property
+    def cross_sets(self) -> int:  # cross-attention weight sets (sections 2..p, or one shared set)
+        return 0 if self.sections == 1 else (1 if self.shared else self.sections - 1)
+
+
+class StackedLinear(nn.Module):
+    """`sets` linear maps in one [sets, out, in] tensor, so several sections run as one bmm."""
+
+    def __init__(self, sets, d_in, d_out, bias, zero_init=False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(sets, d_out, d_in))
+        self.bias = nn.Parameter(torch.zeros(sets, d_out)) if bias else None
+        self.zero_init = zero_init  # cross-attention output starts at zero (the model is unchanged)
+
+    def forward(self, x, sets: slice):  # x [S, ..., d_in]
+        w = self.weight[sets]
+        b = None if self.bias is None else self.bias[sets]
+        if w.shape[0] == 1:  # a single section, or shared weights: one plain GEMM for all rows
+            return F.linear(x, w[0], None if b is None else b[0])
+        y = torch.matmul(x.flatten(1, -2), w.transpose(1, 2)).view(*x.shape[:-1], w.shape[1])
+        return y if b is None else y + b.view(b.shape[0], *([1] * (x.dim() - 2)), -1)
+
+
+class StackedNorm(nn.Module):
+    """RMSNorm (Llama family) or LayerNorm (GPT-2), one weight row per set."""
+
+    def __init__(self, sets, dim, kind, eps):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(sets, dim))
+        self.bias = nn.Parameter(torch.zeros(sets, dim)) if kind == "layer" else None
+
+    def forward(self, x, sets: slice):
+        shape = (-1,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        if self.kind == "rms":  # computed in fp32 like transformers' LlamaRMSNorm
+            xf = x.float()
+            y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            return self.weight[sets].view(shape) * y
+        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return y * self.weight[sets].view(shape) + self.bias[sets].view(shape)
+
+
+def rope_tables(positions, head_dim, theta, dtype):
+    """cos/sin [B, T, head_dim] for integer positions [B, T] (Llama's rotate-half convention)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):  # x [S, B, H, T, hd]
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def attend(q, k, v, mask):
+    """q [S,B,H,T,hd], k/v [S,B,Hkv,K,hd], boolean mask [B,1,T,K] -> [S,B,H,T,hd]."""
+    S, B, H, T, hd = q.shape
+    if k.shape[2] != H:  # grouped-query attention
+        k, v = k.repeat_interleave(H // k.shape[2], 2), v.repeat_interleave(H // k.shape[2], 2)
+    flat = lambda t: t.reshape(S * B, *t.shape[2:])
+    mask = mask.expand(S, *mask.shape).reshape(S * B, *mask.shape[1:])
+    return F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
+
+
+def attention_masks(key_valid, q_slots, window):
+    """Self mask (causal, own slot always allowed so padded rows stay finite), strictly causal
+    cross mask (optionally windowed), and which queries have any memory at all."""
+    k = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
+    i = q_slots[:, None]
+    self_mask = ((k <= i) & key_valid[:, None, :]) | (k == i)
+    cross = (k < i) & key_valid[:, None, :]
+    if window:
+        cross = cross & (k >= i - window)
+    has_memory = cross.any(-1, keepdim=True)
+    cross = cross | ~has_memory  # an empty row would give NaN; its output is zeroed instead
+    return self_mask[:, None], cross[:, None], has_memory[:, None]
+
+
+@dataclass
+class Run:
+    """Which sections one call runs, and everything its blocks share."""
+    weights: slice          # weight sets of the rows
+    cross: slice            # cross-attention weight sets of the rows that have cross-attention
+    cross_rows: slice       # those rows' cross-memory slots in the cache
+    first_cross: int | None  # local row where cross-attention starts (None: no row has it)
+    sections: slice
+    rope: tuple | None
+    self_mask: torch.Tensor
+    cross_mask: torch.Tensor
+    has_memory: torch.Tensor
+    cache: "StagCache | None" = None
+    slots: torch.Tensor | None = None
+    memory: torch.Tensor | None = None  # normalised memory states for the new slots [C, B, T, d]
+
+
+class Block(nn.Module):
+    """Depth j of every section: self-attention, cross-attention (sections > 1), MLP."""
+
+    def __init__(self, cfg: StagConfig):
+        super().__init__()
+        d, hd, W, C = cfg.hidden_size, cfg.head_dim, cfg.weight_sets, cfg.cross_sets
+        self.heads, self.kv_heads = cfg.num_heads, cfg.num_kv_heads
+        norm = lambda sets: StackedNorm(sets, d, cfg.norm, cfg.norm_eps)
+        self.attn_norm, self.mlp_norm = norm(W), norm(W)
+        self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
+        self.qkv = StackedLinear(W, d, sum(self.qkv_sizes), cfg.qkv_bias)
+        self.o = StackedLinear(W, self.heads * hd, d, cfg.o_bias)
+        gated = cfg.mlp == "gated"
+        self.up = StackedLinear(W, d, cfg.intermediate_size * (2 if gated else 1), cfg.mlp_bias)
+        self.down = StackedLinear(W, cfg.intermediate_size, d, cfg.mlp_bias)
+        self.act, self.gated = ACT2FN[cfg.activation], gated
+        if C:
+            self.cross_norm = norm(C)
+            self.cross_q = StackedLinear(C, d, self.heads * hd, cfg.qkv_bias)
+            self.cross_kv = StackedLinear(C, d, 2 * self.kv_heads * hd, cfg.qkv_bias)
+            self.cross_o = StackedLinear(C, self.heads * hd, d, cfg.o_bias, zero_init=True)
+
+    def split_heads(self, x, n):  # [S,B,T,n*hd] -> [S,B,n,T,hd]
+        return x.view(*x.shape[:3], n, -1).transpose(2, 3)
+
+    def memory_kv(self, memory, cross: slice, rope):
+        k, v = self.cross_kv(memory, cross).chunk(2, -1)
+        k, v = self.split_heads(k, self.kv_heads), self.split_heads(v, self.kv_heads)
+        return (apply_rope(k, *rope) if rope else k), v
+
+    def forward(self, x, run: Run, j: int):  # x [S, B, T, d]
+        merge = lambda t: t.transpose(2, 3).flatten(3)
+        q, k, v = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
+        q, k, v = self.split_heads(q, self.heads), self.split_heads(k, self.kv_heads), self.split_heads(v, self.kv_heads)
+        if run.rope:
+            q, k = apply_rope(q, *run.rope), apply_rope(k, *run.rope)
+        if run.cache is not None:
+            k, v = run.cache.update_self(j, run.sections, run.slots, k, v)
+        x = x + self.o(merge(attend(q, k, v, run.self_mask)), run.weights)
+        if run.first_cross is not None:
+            c = run.first_cross
+            xc = x[c:]
+            q = self.split_heads(self.cross_q(self.cross_norm(xc, run.cross), run.cross), self.heads)
+            q = apply_rope(q, *run.rope) if run.rope else q
+            k = v = None
+            if run.memory is not None:
+                k, v = self.memory_kv(run.memory, run.cross, run.rope)
+            if run.cache is not None:
+                k, v = run.cache.update_memory(j, run.cross_rows, run.slots, k, v)
+            out = attend(q, k, v, run.cross_mask) * run.has_memory
+            xc = xc + self.cross_o(merge(out), run.cross)
+            x = torch.cat([x[:c], xc]) if c else xc
+        h = self.up(self.mlp_norm(x, run.weights), run.weights)
+        if self.gated:
+            gate, up = h.chunk(2, -1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return x + self.down(h, run.weights)
+
+class StagCache:
+    """Static caches for decoding: self-attention K/V per (depth, section), cross-attention
+    memory K/V per (depth, cross section), and the bookkeeping for padding and lagged inputs."""
+
+    def __init__(self, cfg: StagConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+        kv = lambda n: torch.zeros(cfg.depth, n, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
+                                   device=device, dtype=dtype)
+        self.self_k, self.self_v = kv(cfg.sections), kv(cfg.sections)
+        self.mem_k, self.mem_v = kv(cfg.sections - 1), kv(cfg.sections - 1)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
+        self.last_out = torch.zeros(cfg.sections, batch, cfg.hidden_size, device=device, dtype=dtype)
+        self.last_emb = torch.zeros(batch, cfg.hidden_size, device=device, dtype=dtype)
+        self.length, self.max_len = 0, max_len
+
+    def update_self(self, j, rows: slice, slots, k, v):
+        self.self_k[j, rows].index_copy_(3, slots, k)
+        self.self_v[j, rows].index_copy_(3, slots, v)
+        return self.self_k[j, rows], self.self_v[j, rows]
+
+    def update_memory(self, j, rows: slice, slots, k, v):
+        if k is not None:
+            self.mem_k[j, rows].index_copy_(3, slots, k)
+            self.mem_v[j, rows].index_copy_(3, slots, v)
+        return self.mem_k[j, rows], self.mem_v[j, rows]
+
+    def reserve(self, valid):
+        """Claim slots for new tokens [B, T]; returns (slots, positions, key_valid, prev_valid)."""
+        T = valid.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {self.length + T} requested")
+        slots = torch.arange(self.length, self.length + T, device=valid.device)
+        prev_valid = self.key_valid[:, self.length - 1] if self.length else torch.zeros_like(valid[:, 0])
+        self.key_valid[:, slots] = valid
+        positions = self.count[:, None] + valid.long().cumsum(1) - 1
+        self.count += valid.sum(1)
+        self.length += T
+        return slots, positions.clamp(min=0), self.key_valid, prev_valid
+
+
+class StagForCausalLM(PreTrainedModel):
+    config_class = StagConfig
+    base_model_prefix = "stag"
+    supports_gradient_checkpointing = True
+
+    def __init__(self, config: StagConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.pos_embed = nn.Embedding(config.max_positions, d) if config.positions == "learned" else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.mem_norm = StackedNorm(config.cross_sets, d, config.norm, config.norm_eps) if config.cross_sets else None
+        self.final_norm = StackedNorm(1, d, config.norm, config.norm_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, StackedLinear):
+            nn.init.zeros_(module.weight) if module.zero_init else nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, StackedNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Embedding, nn.Linear)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def set_input_embeddings(self, value):
+        self.embed = value
+
+    # --- pieces shared by training and decoding -------------------------------------------------
+    def _run(self, sections: slice, positions, key_valid, q_slots, cache=None, memory=None) -> Run:
+        cfg = self.config
+        s0, s1 = sections.start, sections.stop
+        c0 = max(s0, 1)
+        rope = None
+        if cfg.positions == "rope":
+            rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, self.embed.weight.dtype)
+        masks = attention_masks(key_valid, q_slots, cfg.window)
+        return Run(weights=slice(0, 1) if cfg.shared else sections,
+                   cross=slice(0, 1) if cfg.shared else slice(c0 - 1, s1 - 1),
+                   cross_rows=slice(c0 - 1, s1 - 1), first_cross=c0 - s0 if s1 > c0 else None,
+                   sections=sections, rope=rope, self_mask=masks[0], cross_mask=masks[1],
+                   has_memory=masks[2], cache=cache, slots=q_slots, memory=memory)
+
+    def _cross_set(self, section: int) -> slice:
+        return slice(0, 1) if self.config.shared else slice(section - 1, section)
+
+    def embed_tokens(self, input_ids, positions):
+        x = self.embed(input_ids)
+        return x + self.pos_embed(positions) if self.pos_embed is not None else x
+
+    def logits(self, hidden):
+        h = self.final_norm(hidden[None], slice(0, 1))[0]
+        return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+
+    def _blocks(self, x, run):
+        for j, block in enumerate(self.blocks):
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, run, j, use_reentrant=False)
+            else:
+                x = block(x, run, j)
+        return x
+
+    # --- training / prefill: section after section over the whole sequence ----------------------
+    def run_sections(self, input_ids, attention_mask=None, cache: StagCache | None = None,
+                     memory_override=None):
+        """Returns the last section's output [B, T, d]. With a cache, fills it (prefill).
+        `memory_override` replaces the last section's memory source (recurrent reference)."""
+        cfg = self.config
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if cache is None:
+            key_valid, slots = valid, torch.arange(input_ids.shape[1], device=input_ids.device)
+            positions, prev_valid = (valid.long().cumsum(1) - 1).clamp(min=0), torch.zeros_like(valid[:, 0])
+        else:
+            slots, positions, key_valid, prev_valid = cache.reserve(valid)
+        emb = self.embed_tokens(input_ids, positions)
+        prev_out = None
+        for s in range(cfg.sections):
+            x, memory = emb, None
+            if s > 0:
+                source = memory_override if (memory_override is not None and s == cfg.sections - 1) else prev_out
+                if cfg.lagged_input:
+                    x = emb + self._lag(emb, source, valid, prev_valid, cache, s)
+                memory = self.mem_norm(source[None], self._cross_set(s))
+            run = self._run(slice(s, s + 1), positions, key_valid, slots, cache, memory)
+            prev_out = self._blocks(x[None], run)[0]
+            if cache is not None:
+                cache.last_out[s] = prev_out[:, -1]
+        if cache is not None:
+            cache.last_emb = emb[:, -1]
+        return prev_out
+
+    def _lag(self, emb, source, valid, prev_valid, cache, s):
+        """Lagged-residual input [ours]: u_{i-1} - E[x_{i-1}] from the section below, zero where
+        position i-1 does not exist. Approximates what layers below would have added."""
+        first_src = cache.last_out[s - 1] if cache is not None else torch.zeros_like(source[:, 0])
+        first_emb = cache.last_emb if cache is not None else torch.zeros_like(emb[:, 0])
+        prev_src = torch.cat([first_src[:, None], source[:, :-1]], 1)
+        prev_emb = torch.cat([first_emb[:, None], emb[:, :-1]], 1)
+        prev_ok = torch.cat([prev_valid[:, None], valid[:, :-1]], 1)
+        return (prev_src - prev_emb) * prev_ok[..., None].to(emb.dtype)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **unused):
+        logits = self.logits(self.run_sections(input_ids, attention_mask))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    # --- decoding: every section on the same token at once ---------------------------------------
+    def new_cache(self, batch, max_len, dtype=None) -> StagCache:
+        return StagCache(self.config, batch, max_len, self.embed.weight.device, dtype or self.embed.weight.dtype)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, cache: StagCache, attention_mask=None):
+        """Prompt in one pass per section; returns the last position's logits [B, V]."""
+        return self.logits(self.run_sections(input_ids, attention_mask, cache)[:, -1])
+
+    @torch.no_grad()
+    def step(self, token, cache: StagCache, recurrent: bool = False):
+        """One decode step for tokens [B]: all sections advance together (one batched op per depth).
+        recurrent: shared weights only; skip pass 1 and feed the last pass its own earlier outputs."""
+        cfg = self.config
+        slots, positions, key_valid, prev_valid = cache.reserve(torch.ones_like(token, dtype=torch.bool)[:, None])
+        emb = self.embed_tokens(token[:, None], positions)  # [B, 1, d]
+        first = cfg.sections - 1 if recurrent else 0
+        x = emb[None].expand(cfg.sections - first, -1, -1, -1)
+        if cfg.lagged_input and cfg.sections > 1:
+            lag = (cache.last_out[:-1] - cache.last_emb) * prev_valid[None, :, None].to(emb.dtype)
+            x = x + torch.cat([torch.zeros_like(lag[:1]), lag])[:, :, None]
+        out = self._blocks(x, self._run(slice(first, cfg.sections), positions, key_valid, slots, cache))[:, :, -1]
+        if cfg.sections > 1:  # section s's output becomes section s+1's memory at this slot
+            source = out[-1:] if recurrent else out[:-1]
+            self.write_memory(source, cache, slots, positions)
+        cache.last_out[first:] = out
+        cache.last_emb = emb[:, -1]
+        return self.logits(out[-1])
+
+    def write_memory(self, source, cache, slots, positions):
+        """K/V of every depth's cross-attention for outputs `source` [C, B, d] at `slots`."""
+        cfg = self.config
+        cross = slice(0, 1) if cfg.shared else slice(0, cfg.sections - 1)
+        memory = self.mem_norm(source[:, :, None], cross)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, memory.dtype) if cfg.positions == "rope" else None
+        rows = slice(cfg.sections - 1 - memory.shape[0], cfg.sections - 1)
+        for j, block in enumerate(self.blocks):
+            cache.update_memory(j, rows, slots, *block.memory_kv(memory, cross, rope))
+
+
+# `AutoModelForCausalLM.from_pretrained(dir)` works on stag output once this module is imported.
+AutoConfig.register("stag", StagConfig, exist_ok=True)
+AutoModelForCausalLM.register(StagConfig, StagForCausalLM, exist_ok=True)
