@@ -12,7 +12,7 @@ def _root():
     """Keep `stag` a command group even while it has one command."""
 
 
-from . import convert  # noqa: E402,F401  (each module registers its command on `app`)
+from . import convert, finetune, eval, generate, bench  # noqa: E402,F401  (each registers its command)
 
 
 def main():

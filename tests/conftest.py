@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny (<1M parameter) random checkpoints built with transformers itself."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 97
+
+
+def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0):
+    """A random transformers model of the given family, well under 1M parameters."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    torch.manual_seed(seed)
+    llama_like = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**llama_like))
+    elif family == "llama-bias":  # attention_bias=True: q, k, v and o biases
+        model = LlamaForCausalLM(LlamaConfig(**llama_like, attention_bias=True))
+    elif family == "qwen2":  # q, k, v biases, no o bias
+        model = Qwen2ForCausalLM(Qwen2Config(**llama_like))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**llama_like, sliding_window=None))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4,
+                                           n_positions=128, bos_token_id=1, eos_token_id=2))
+    else:
+        raise ValueError(family)
+    with torch.no_grad():  # random biases and norms, so that a wrong mapping cannot hide behind zeros/ones
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def hf_checkpoint(tmp_path):
+    """Factory: save a tiny transformers model to a directory and return (path, model)."""
+    def make(family="llama", **kw):
+        model = tiny_hf_model(family, **kw)
+        path = tmp_path / f"hf-{family}"
+        model.save_pretrained(path)
+        return path, model
+    return make
