@@ -215,12 +215,13 @@ def convert(src: str, out: str, sections: int = 2, mode: str = "split", window: 
     if out_path.exists() and not force:
         raise StagError(f"{out} already exists; pass --force to replace it")
     hf_config = load_hf_config(src)
-    family_of(hf_config)
+    family = family_of(hf_config)
+    layers_attr = family.hparams["num_layers"]
+    num_layers = layers_attr(hf_config) if callable(layers_attr) else getattr(hf_config, layers_attr)
+    validate_layout(num_layers, sections, mode, window, init)  # before the (slow) weight load
     report = progress or (lambda msg: None)
     report("loading source weights")
     hf_model, tokenizer = load_hf_model(src)
-    num_layers = stag_config_for(hf_model.config, hf_model.state_dict()).num_layers
-    validate_layout(num_layers, sections, mode, window, init)
     recipe = {"tool": "stag convert", "source": str(src), "source_model_type": hf_config.model_type,
               "source_layers": num_layers, "sections": sections, "mode": mode, "window": window,
               "init": init, "dtype": dtype}

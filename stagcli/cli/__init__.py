@@ -9,7 +9,10 @@ app = typer.Typer(help="Turn pretrained Hugging Face decoders into StagFormer mo
 
 @app.callback()
 def _root():
-    """Keep `stag` a command group even while it has one command."""
+    """Runs before every command: keep transformers' own progress bars and advisories off our screen."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 from . import convert, finetune, eval, generate, bench  # noqa: E402,F401  (each registers its command)
