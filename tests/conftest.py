@@ -48,3 +48,23 @@ def hf_checkpoint(tmp_path):
         model.save_pretrained(path)
         return path, model
     return make
+
+
+TINY_CHARS = " abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()\n"
+
+
+def tiny_tokenizer(path=None):
+    """A character-level fast tokenizer (lower-cased, ids < VOCAB; 0 pad, 1 bos, 2 eos, 3 unk) for the
+    tiny models, which ship none. Saved to `path` (e.g. next to a tiny checkpoint) when given."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({c: i + 4 for i, c in enumerate(TINY_CHARS)})
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one id per char
+    backend.normalizer = normalizers.Lowercase()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>")
+    if path is not None:
+        tok.save_pretrained(path)
+    return tok
