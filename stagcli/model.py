@@ -211,18 +211,38 @@ class Block(nn.Module):
 
 class StagCache:
     """Static caches for decoding: self-attention K/V per (depth, section), cross-attention
-    memory K/V per (depth, cross section), and the bookkeeping for padding and lagged inputs."""
+    memory K/V per (depth, cross section), and the bookkeeping for padding and lagged inputs.
 
-    def __init__(self, cfg: StagConfig, batch: int, max_len: int, device=None, dtype=torch.float32):
+    Every tensor is allocated once and only ever updated in place, and a decode step reads its
+    slot from the device tensor `slot`, so a step can be captured in a CUDA graph and replayed.
+    The python int `length` mirrors `slot` for host-side bounds checks (outside the step).
+    `sections`/`memories` override how many self/memory rows are held (one rank of a
+    multi-process decode holds only its own section's)."""
+
+    def __init__(self, cfg: StagConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
+                 sections: int | None = None, memories: int | None = None):
         kv = lambda n: torch.zeros(cfg.depth, n, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
                                    device=device, dtype=dtype)
-        self.self_k, self.self_v = kv(cfg.sections), kv(cfg.sections)
-        self.mem_k, self.mem_v = kv(cfg.sections - 1), kv(cfg.sections - 1)
+        sections = cfg.sections if sections is None else sections
+        memories = cfg.sections - 1 if memories is None else memories
+        self.self_k, self.self_v = kv(sections), kv(sections)
+        self.mem_k, self.mem_v = kv(memories), kv(memories)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)       # next free slot (device copy)
         self.last_out = torch.zeros(cfg.sections, batch, cfg.hidden_size, device=device, dtype=dtype)
         self.last_emb = torch.zeros(batch, cfg.hidden_size, device=device, dtype=dtype)
-        self.length, self.max_len = 0, max_len
+        self.length, self.max_len, self.batch = 0, max_len, batch
+
+    def reset(self):
+        """Empty the cache in place (tensor addresses stay valid for a captured CUDA graph).
+        Stale K/V need no clearing: key_valid masks them."""
+        self.key_valid.zero_()
+        self.count.zero_()
+        self.slot.zero_()
+        self.last_out.zero_()
+        self.last_emb.zero_()
+        self.length = 0
 
     def update_self(self, j, rows: slice, slots, k, v):
         self.self_k[j, rows].index_copy_(3, slots, k)
@@ -235,18 +255,36 @@ class StagCache:
             self.mem_v[j, rows].index_copy_(3, slots, v)
         return self.mem_k[j, rows], self.mem_v[j, rows]
 
+    def claim(self, tokens: int):
+        """Host side: check there is room for `tokens` more slots and count them."""
+        if self.length + tokens > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {self.length + tokens} requested")
+        self.length += tokens
+
     def reserve(self, valid):
         """Claim slots for new tokens [B, T]; returns (slots, positions, key_valid, prev_valid)."""
         T = valid.shape[1]
-        if self.length + T > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} tokens; {self.length + T} requested")
-        slots = torch.arange(self.length, self.length + T, device=valid.device)
-        prev_valid = self.key_valid[:, self.length - 1] if self.length else torch.zeros_like(valid[:, 0])
+        start = self.length
+        self.claim(T)
+        slots = torch.arange(start, start + T, device=valid.device)
+        prev_valid = self.key_valid[:, start - 1] if start else torch.zeros_like(valid[:, 0])
         self.key_valid[:, slots] = valid
         positions = self.count[:, None] + valid.long().cumsum(1) - 1
         self.count += valid.sum(1)
-        self.length += T
+        self.slot += T
         return slots, positions.clamp(min=0), self.key_valid, prev_valid
+
+    def reserve_one(self):
+        """Device-only twin of reserve() for one real token per row (a decode step): reads no
+        python state, so it can run inside a CUDA graph. The caller does claim(1) on the host."""
+        slot = self.slot.clone()
+        prev = self.key_valid.gather(1, (slot - 1).clamp(min=0).expand(self.batch, 1))[:, 0]
+        prev_valid = prev & (slot > 0)
+        self.key_valid.index_fill_(1, slot, True)
+        positions = self.count[:, None].clone()
+        self.count += 1
+        self.slot += 1
+        return slot, positions, self.key_valid, prev_valid
 
 
 class StagForCausalLM(PreTrainedModel):
@@ -344,7 +382,7 @@ class StagForCausalLM(PreTrainedModel):
             if cache is not None:
                 cache.last_out[s] = prev_out[:, -1]
         if cache is not None:
-            cache.last_emb = emb[:, -1]
+            cache.last_emb.copy_(emb[:, -1])  # in place: a captured decode step reads this address
         return prev_out
 
     def _lag(self, emb, source, valid, prev_valid, cache, s):
@@ -375,11 +413,20 @@ class StagForCausalLM(PreTrainedModel):
         return self.logits(self.run_sections(input_ids, attention_mask, cache)[:, -1])
 
     @torch.no_grad()
-    def step(self, token, cache: StagCache, recurrent: bool = False):
+    def step(self, token, cache: StagCache, recurrent: bool = False, memory_kv=None):
         """One decode step for tokens [B]: all sections advance together (one batched op per depth).
-        recurrent: shared weights only; skip pass 1 and feed the last pass its own earlier outputs."""
+        recurrent: shared weights only; skip pass 1 and feed the last pass its own earlier outputs.
+        memory_kv: optional fused memory K/V weights from memory_kv_weights()."""
+        cache.claim(1)
+        return self.decode_step(token, cache, recurrent, memory_kv)
+
+    def decode_step(self, token, cache: StagCache, recurrent: bool = False, memory_kv=None):
+        """step() without the host-side bounds check: tensor work only, no host syncs and no
+        python state that changes between steps, so it can be captured in a CUDA graph."""
         cfg = self.config
-        slots, positions, key_valid, prev_valid = cache.reserve(torch.ones_like(token, dtype=torch.bool)[:, None])
+        if recurrent and not (cfg.shared and cfg.sections > 1):
+            raise ValueError("recurrent decoding needs a shared-weights model with >= 2 sections")
+        slots, positions, key_valid, prev_valid = cache.reserve_one()
         emb = self.embed_tokens(token[:, None], positions)  # [B, 1, d]
         first = cfg.sections - 1 if recurrent else 0
         x = emb[None].expand(cfg.sections - first, -1, -1, -1)
@@ -389,20 +436,54 @@ class StagForCausalLM(PreTrainedModel):
         out = self._blocks(x, self._run(slice(first, cfg.sections), positions, key_valid, slots, cache))[:, :, -1]
         if cfg.sections > 1:  # section s's output becomes section s+1's memory at this slot
             source = out[-1:] if recurrent else out[:-1]
-            self.write_memory(source, cache, slots, positions)
+            self.write_memory(source, cache, slots, positions, memory_kv)
         cache.last_out[first:] = out
-        cache.last_emb = emb[:, -1]
+        cache.last_emb.copy_(emb[:, -1])
         return self.logits(out[-1])
 
-    def write_memory(self, source, cache, slots, positions):
-        """K/V of every depth's cross-attention for outputs `source` [C, B, d] at `slots`."""
+    def memory_kv_weights(self):
+        """Every depth's cross-attention K/V projection stacked into one weight [C, depth*2*kv, d]
+        (and bias), so write_memory makes all depths' memory K/V in ONE GEMM per step. A snapshot:
+        rebuild it after the weights change."""
+        if not self.config.cross_sets:
+            return None
+        weight = torch.cat([b.cross_kv.weight for b in self.blocks], 1).detach()
+        biases = [b.cross_kv.bias for b in self.blocks]
+        bias = None if biases[0] is None else torch.cat(biases, 1).detach()
+        return weight, bias
+
+    def write_memory(self, source, cache, slots, positions, memory_kv=None, rows: slice | None = None):
+        """K/V of every depth's cross-attention for outputs `source` [C, B, d] at `slots`.
+        With memory_kv (see memory_kv_weights) all depths come from one GEMM and two copies.
+        `rows`: the cache's memory rows to write (default: the last C)."""
         cfg = self.config
-        cross = slice(0, 1) if cfg.shared else slice(0, cfg.sections - 1)
+        cross = slice(0, 1) if cfg.shared else slice(cfg.sections - 1 - source.shape[0], cfg.sections - 1)
+        if memory_kv is not None and memory_kv[0].shape[0] == 1:
+            cross = slice(0, 1)  # weights already narrowed to one set (shared, or one rank's section)
         memory = self.mem_norm(source[:, :, None], cross)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, memory.dtype) if cfg.positions == "rope" else None
-        rows = slice(cfg.sections - 1 - memory.shape[0], cfg.sections - 1)
-        for j, block in enumerate(self.blocks):
-            cache.update_memory(j, rows, slots, *block.memory_kv(memory, cross, rope))
+        n = cache.mem_k.shape[1]
+        rows = rows or slice(n - memory.shape[0], n)
+        if memory_kv is None:
+            for j, block in enumerate(self.blocks):
+                cache.update_memory(j, rows, slots, *block.memory_kv(memory, cross, rope))
+            return
+        weight, bias = memory_kv
+        weight, bias = weight[cross], None if bias is None else bias[cross]
+        C, B = memory.shape[:2]
+        kvh, hd, D = cfg.num_kv_heads, cfg.head_dim, cfg.depth
+        if weight.shape[0] == 1:
+            kv = F.linear(memory[:, :, 0], weight[0], None if bias is None else bias[0])
+        else:
+            kv = torch.baddbmm(bias[:, None], memory[:, :, 0], weight.transpose(1, 2)) if bias is not None \
+                else torch.bmm(memory[:, :, 0], weight.transpose(1, 2))
+        kv = kv.view(C, B, D, 2, kvh, 1, hd).permute(3, 2, 0, 1, 4, 5, 6)  # [2, D, C, B, kvh, 1, hd]
+        k, v = kv[0], kv[1]
+        if rope:
+            cos, sin = rope  # [B, 1, hd] -> broadcast over [D, C, B, kvh, 1, hd]
+            k = apply_rope(k.flatten(0, 1), cos, sin).view(k.shape)
+        cache.mem_k[:, rows].index_copy_(4, slots, k.to(cache.mem_k.dtype))
+        cache.mem_v[:, rows].index_copy_(4, slots, v.to(cache.mem_v.dtype))
 
 
 # `AutoModelForCausalLM.from_pretrained(dir)` works on stag output once this module is imported.

@@ -15,7 +15,7 @@ def _root():
     hf_logging.set_verbosity_error()
 
 
-from . import convert, finetune, eval, generate, bench  # noqa: E402,F401  (each registers its command)
+from . import convert, finetune, eval, generate, bench, experiment  # noqa: E402,F401  (each registers its command)
 
 
 def main():

@@ -1,1 +1,57 @@
-"""`stag bench`: not built yet (this module registers its command on `app` once it exists)."""
+"""`stag bench MODEL [--baseline SRC]`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import app
+from .common import console, err_console, handles_errors
+
+
+@app.command()
+@handles_errors
+def bench(
+    model: str = typer.Argument(..., help="The staggered model (a stag directory; a plain checkpoint also works)."),
+    baseline: Optional[str] = typer.Option(None, help="Unconverted source to compare with (default: the source "
+                                           "recorded by stag convert, when it exists here)."),
+    batch_sizes: str = typer.Option("1,4,16", "--batch-sizes", help="Comma-separated batch sizes."),
+    prompt_len: int = typer.Option(128, "--prompt-len", help="Tokens in the fixed prompt."),
+    new_tokens: int = typer.Option(128, "--new-tokens", help="Decode steps timed per run (prefill excluded)."),
+    repeats: int = typer.Option(5, help="Timed runs per figure; the median is reported."),
+    warmup: int = typer.Option(1, help="Untimed warm-up runs first."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (use bfloat16 on GPUs)."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the decode step before "
+                                 "CUDA-graph capture (CUDA only)."),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' generate with a static cache."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write all measurements as JSON here."),
+):
+    """Decode latency per token and tokens/s: staggered model vs the same engine on the unconverted
+    model vs Hugging Face static-cache generate."""
+    from ..bench import run_bench
+    from ..errors import StagError
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise StagError(f"--batch-sizes must be comma-separated integers, not '{batch_sizes}'") from None
+    with err_console.status("benchmarking") as status:
+        result = run_bench(model, baseline, sizes, prompt_len, new_tokens, repeats, warmup, device, dtype,
+                           compile, hf, progress=status.update)
+    table = Table(title=f"stag bench: {result['machine']}, {dtype}, prompt {prompt_len}, {new_tokens} new tokens, "
+                        f"median of {repeats}")
+    for col in ("system", "batch", "ms/token", "tokens/s", "GB/s", "staggered is faster by"):
+        table.add_column(col, justify="left" if col == "system" else "right")
+    for r in result["rows"]:
+        table.add_row(r["name"], str(r["batch_size"]), f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}",
+                      f"{r['bandwidth_GBps']:.2f}", "" if r["name"] == "staggered" else f"{r['speedup_of_staggered']:.2f}x")
+    console.print(table)
+    if not result["baseline"]:
+        err_console.print("no baseline: pass --baseline SRC to compare with the unconverted model")
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {output}")

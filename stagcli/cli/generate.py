@@ -1,1 +1,91 @@
-"""`stag generate`: not built yet (this module registers its command on `app` once it exists)."""
+"""`stag generate MODEL --prompt ...`."""
+from __future__ import annotations
+
+import time
+from typing import List, Optional
+
+import typer
+
+from . import app
+from .common import console, err_console, handles_errors
+
+
+@app.command()
+@handles_errors
+def generate(
+    model: str = typer.Argument(..., help="A stag directory, or a plain checkpoint / .gguf / alias (decoded "
+                                "unconverted by the same engine, p = 1)."),
+    prompt: List[str] = typer.Option(..., "--prompt", "-p", help="Prompt text; repeat for a batch (left-padded)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap each prompt as a user turn with the tokenizer's chat template."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate at most (stops at EOS)."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples from softmax(logits / T)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample only among the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: the smallest set reaching probability p (1 = all)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling (same seed, same tokens)."),
+    recurrent: bool = typer.Option(False, "--recurrent", help="Recurrent approximation (shared-weights "
+                                   "models): skip pass 1 for generated tokens."),
+    devices: Optional[str] = typer.Option(None, help="Comma-separated devices, one per section (e.g. "
+                                          "cuda:0,cuda:1): one torch.distributed rank per section, running concurrently."),
+    device: Optional[str] = typer.Option(None, help="Device for single-process decoding (default: cuda if available)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+):
+    """Generate text with the parallel-section decode engine, streaming tokens as they come."""
+
+
+    from ..convert import load_model
+    from ..decode import generate as run_generate
+    from ..decode import left_pad
+    from ..errors import StagError
+
+    loaded, tokenizer = load_model(model, dtype)
+    if tokenizer is None:
+        raise StagError(f"{model} has no tokenizer to turn the prompt into tokens")
+    texts = list(prompt)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise StagError(f"{model}'s tokenizer has no chat template; drop --chat")
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                               add_generation_prompt=True) for t in texts]
+    rows = [tokenizer(t, add_special_tokens=not chat).input_ids for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids, mask = left_pad(rows, pad)
+    streamed: list[int] = []
+    stream = len(rows) == 1
+    first_token_at = []
+    shown = [""]
+
+    def on_token(tokens):
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        if stream:
+            streamed.append(int(tokens[0]))
+            text = tokenizer.decode(streamed, skip_special_tokens=True)
+            console.print(text[len(shown[0]):], end="", markup=False, highlight=False, soft_wrap=True)
+            shown[0] = text
+
+    start = time.perf_counter()
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=tokenizer.eos_token_id)
+    if devices:
+        from ..decode_ranks import generate_on_devices
+        if recurrent:
+            raise StagError("--recurrent runs in one process; drop --devices")
+        out = generate_on_devices(model, ids, mask, max_new_tokens, devices=devices.split(","), dtype=dtype,
+                                  on_token=on_token, **sampling)
+    else:
+        if device:
+            loaded = loaded.to(device)
+        out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token, **sampling)
+    elapsed = time.perf_counter() - start
+    if stream:
+        console.print()
+    else:
+        for text, new in zip(prompt, out):
+            console.print(f"[bold]{text}[/]", tokenizer.decode(new.tolist(), skip_special_tokens=True), highlight=False)
+    n = out.shape[1]
+    ttft = (first_token_at[0] - start) if first_token_at else elapsed
+    decode_s = elapsed - ttft
+    rate = (out.shape[0] * (n - 1) / decode_s) if n > 1 and decode_s > 0 else float("nan")
+    err_console.print(f"{out.shape[0]} x {n} tokens | time to first token {ttft * 1e3:.0f} ms | "
+                      f"decode {rate:.1f} tokens/s | {'x'.join(str(s) for s in ids.shape)} prompt tokens "
+                      f"| {loaded.config.sections} section(s){' on ' + devices if devices else ''}", highlight=False)
+

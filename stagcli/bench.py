@@ -1,0 +1,156 @@
+"""`stag bench`: decode latency of a staggered model against strong baselines, measured the same way.
+
+Systems: the staggered model in the decode engine; the unconverted source in the SAME engine
+(p = 1, so the comparison isolates the staggering); Hugging Face `generate` with a static cache.
+Per-token decode latency excludes prefill and warm-up; each figure is the median of `repeats` runs.
+Achieved bandwidth = model weight bytes x decode steps per second (each step reads every weight once).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from .errors import StagError
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompt(vocab: int, batch: int, length: int, device):
+    """A fixed prompt (seeded), the same for every system."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab, (batch, length), generator=g).to(device)
+
+
+def _model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _resolve_device(device: str | None):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
+                 warmup: int = 1, device: str | None = None, dtype: str = "float32", compile: bool = False,
+                 recurrent: bool = False) -> dict:
+    """Time the decode engine. `model`: a StagForCausalLM or anything load_model() takes."""
+    from .convert import DTYPES, load_model
+    from .decode import DecodeEngine
+    dev = _resolve_device(device)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(str(model), dtype)[0]
+    model = model.to(dev, DTYPES[dtype]).eval()
+    engine = DecodeEngine(model, batch_size, prompt_len + new_tokens + 1, compile=compile, recurrent=recurrent)
+    prompt = _prompt(model.config.vocab_size, batch_size, prompt_len, dev)
+    step_ms, prefill_ms = [], []
+    with torch.no_grad():
+        for run in range(warmup + repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            logits = engine.prefill(prompt)
+            token = logits.argmax(-1)
+            _sync(dev)
+            t1 = time.perf_counter()
+            for _ in range(new_tokens):
+                token = engine.step(token).argmax(-1)
+            _sync(dev)
+            t2 = time.perf_counter()
+            if run >= warmup:
+                prefill_ms.append((t1 - t0) * 1e3)
+                step_ms.append((t2 - t1) * 1e3 / new_tokens)
+    ms = statistics.median(step_ms)
+    nbytes = _model_bytes(model)
+    return {"system": "stag engine", "sections": model.config.sections, "shared": model.config.shared,
+            "batch_size": batch_size, "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms,
+            "prefill_ms": statistics.median(prefill_ms), "model_bytes": nbytes,
+            "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": step_ms,
+            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled}
+
+
+def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,
+                      repeats: int = 5, warmup: int = 1, device: str | None = None, dtype: str = "float32") -> dict:
+    """transformers' own generate(cache_implementation="static"), greedy, on a checkpoint path or a
+    loaded transformers model. Per-token decode time is
+    (time for new_tokens - time for 1 token) / (new_tokens - 1), which removes prefill."""
+    from .convert import DTYPES, load_hf_model
+    dev = _resolve_device(device)
+    hf = load_hf_model(source)[0] if isinstance(source, (str, os.PathLike)) else source
+    hf = hf.to(dev, DTYPES[dtype]).eval()
+    prompt = _prompt(hf.config.vocab_size, batch_size, prompt_len, dev)
+
+    def timed(n):
+        _sync(dev)
+        t0 = time.perf_counter()
+        hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, cache_implementation="static", pad_token_id=0)
+        _sync(dev)
+        return (time.perf_counter() - t0) * 1e3
+
+    per_token = []
+    with torch.no_grad():
+        for run in range(warmup + repeats):
+            full, first = timed(new_tokens), timed(1)
+            if run >= warmup:
+                per_token.append(max(full - first, 1e-6) / (new_tokens - 1))
+    ms = statistics.median(per_token)
+    nbytes = _model_bytes(hf)
+    return {"system": "HF generate (static cache)", "sections": 1, "shared": False, "batch_size": batch_size,
+            "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms, "model_bytes": nbytes,
+            "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token}
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
+
+
+def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 16), prompt_len: int = 128,
+              new_tokens: int = 128, repeats: int = 5, warmup: int = 1, device: str | None = None,
+              dtype: str = "float32", compile: bool = False, hf: bool = True, progress=None) -> dict:
+    """Every system at every batch size. The baseline defaults to the source recorded by stag convert."""
+    from .convert import load_model
+    if new_tokens < 2 or prompt_len < 1 or repeats < 1:
+        raise StagError("--new-tokens must be >= 2, --prompt-len and --repeats >= 1")
+    model, _ = load_model(model_path, dtype)
+    if baseline is None:
+        baseline = (model.config.stag_recipe or {}).get("source")
+        if baseline and not (os.path.exists(baseline) or baseline in _aliases()):
+            baseline = None
+    report = progress or (lambda what: None)
+    dev = _resolve_device(device)
+    rows = []
+    common = dict(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                  device=str(dev), dtype=dtype)
+    base_model = hf_model = None
+    if baseline:  # loaded once: the same weights for the same engine and for transformers
+        from .convert import convert_model, load_hf_model
+        report("loading the baseline")
+        hf_model = load_hf_model(baseline)[0]
+        base_model = convert_model(hf_model)
+    for batch in batch_sizes:
+        report(f"stag engine, batch {batch}")
+        rows.append({"name": "staggered", **bench_engine(model, batch, compile=compile, **common)})
+        if baseline:
+            report(f"baseline in the same engine, batch {batch}")
+            rows.append({"name": "baseline (same engine)", **bench_engine(base_model, batch, compile=compile, **common)})
+            if hf:
+                report(f"HF generate static cache, batch {batch}")
+                rows.append({"name": "baseline (HF static generate)", **bench_hf_generate(hf_model, batch, **common)})
+    for row in rows:  # ratios against the staggered model at the same batch size
+        ours = next(r for r in rows if r["name"] == "staggered" and r["batch_size"] == row["batch_size"])
+        row["speedup_of_staggered"] = row["ms_per_token"] / ours["ms_per_token"]
+    return {"model": model_path, "baseline": baseline, "machine": machine(dev), "device": str(dev),
+            "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+            "compile": compile, "rows": rows}
+
+
+def _aliases():
+    from .assets import MODEL_ALIASES
+    return MODEL_ALIASES

@@ -1,0 +1,315 @@
+"""`stag experiment RECIPE`: the whole pipeline on one model, end to end.
+
+1. convert the source in every form the recipe lists (split p=2 zero/lagged, p=3, shared, windowed);
+2. fine-tune each for the same token budget (distilling from the source where asked);
+3. fine-tune the unconverted model on the same data and budget: the control;
+4. evaluate all of them (held-out perplexity during training, lm-eval tasks at the end);
+5. benchmark decode speed with the same engine;
+6. train the paper's Table 1 from scratch at small scale (12L, 6L, 2x6 separate, 2x6 shared);
+7. write results.json, results.md and loss-vs-tokens plots.
+
+`--tiny` swaps in the recipe's `tiny:` overrides: a small Llama with a KJV BPE tokenizer, pretrained
+briefly here as the "source", so the full pipeline runs on a CPU in minutes (CI runs it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .errors import StagError
+
+RECIPE_KEYS = {"name", "description", "source", "data", "heldout", "finetune", "variants", "eval",
+               "bench", "scratch", "tiny"}
+VARIANT_KEYS = {"sections", "mode", "window", "init", "distill", "train"}
+
+
+def load_experiment(path, tiny: bool = False) -> dict:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise StagError(f"recipe not found: {path}")
+    recipe = yaml.safe_load(path.read_text()) or {}
+    unknown = set(recipe) - RECIPE_KEYS
+    if unknown:
+        raise StagError(f"recipe {path}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}")
+    if tiny:
+        if "tiny" not in recipe:
+            raise StagError(f"recipe {path} has no `tiny:` section for --tiny")
+        recipe = _merge(recipe, recipe["tiny"])
+    for name, variant in (recipe.get("variants") or {}).items():
+        if set(variant or {}) - VARIANT_KEYS:
+            raise StagError(f"recipe {path}: variant {name}: unknown keys {sorted(set(variant) - VARIANT_KEYS)}")
+    if not recipe.get("variants"):
+        raise StagError(f"recipe {path} lists no variants")
+    return recipe
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = {k: v for k, v in base.items() if k != "tiny"}
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            and key != "variants" else value
+    return out
+
+
+# --- the tiny source: a tokenizer and a small Llama trained here ------------------------------------
+def train_bpe_tokenizer(data_specs, vocab_size: int):
+    """A byte-level BPE tokenizer trained on the training text (never the held-out split)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from .data import read_documents, resolve_sources
+    texts = (doc for path in resolve_sources(data_specs) for doc in read_documents(path))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_tiny_source(spec: dict, recipe: dict, out: Path, report) -> str:
+    """Train a small Llama from scratch on the recipe's data; returns its checkpoint directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .train import TrainConfig, finetune
+    target = out / "source"
+    if (target / "config.json").is_file():
+        return str(target)
+    report("source", f"training the tiny source model ({spec.get('pretrain_tokens')} tokens)")
+    tokenizer = train_bpe_tokenizer(recipe["data"], spec.get("vocab_size", 1024))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **spec["model"])
+    model = LlamaForCausalLM(config)
+    cfg = TrainConfig.from_dict({**recipe.get("finetune", {}), "data": recipe["data"],
+                                 "heldout": recipe.get("heldout"), "max_tokens": spec["pretrain_tokens"],
+                                 "lr": spec.get("pretrain_lr", 1e-3)}, where="tiny source")
+    finetune(model, tokenizer, cfg, target)
+    shutil.rmtree(target / "checkpoints", ignore_errors=True)
+    return str(target)
+
+
+# --- the steps --------------------------------------------------------------------------------------
+def _train_config(recipe: dict, extra: Optional[dict] = None):
+    from .train import TrainConfig
+    return TrainConfig.from_dict({**(recipe.get("finetune") or {}), "data": recipe["data"],
+                                  "heldout": recipe.get("heldout"), **(extra or {})}, where="experiment")
+
+
+def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, out: Path, report) -> dict:
+    from .convert import convert, load_model
+    from .train import finetune
+    work = out / "variants" / name
+    converted = work / "converted"
+    if variant.get("sections", 1) > 1 and not (converted / "config.json").is_file():
+        report(name, "converting")
+        convert(source, str(converted), sections=variant["sections"], mode=variant.get("mode", "split"),
+                window=variant.get("window"), init=variant.get("init", "zero"), force=True)
+    model_path = str(converted) if variant.get("sections", 1) > 1 else source
+    finetuned = work / "finetuned"
+    if not (finetuned / "stag_recipe.json").is_file():
+        model, tokenizer = load_model(model_path)
+        teacher = load_model(source)[0] if variant.get("distill") else None
+        extra = {"train": variant.get("train", "all")}
+        if teacher is None:
+            extra["distill_alpha"] = 0.0
+        report(name, "fine-tuning" + (" with distillation" if teacher is not None else ""))
+        start = time.perf_counter()
+        finetune(model, tokenizer, _train_config(recipe, extra), finetuned, teacher=teacher,
+                 run_info={"model": model_path, "teacher": source if teacher is not None else None})
+        (work / "time.json").write_text(json.dumps({"finetune_s": time.perf_counter() - start}))
+        shutil.rmtree(finetuned / "checkpoints", ignore_errors=True)  # the final model is kept
+    return {"name": name, **variant, "converted": model_path, "finetuned": str(finetuned),
+            "curve": _curve(finetuned / "metrics.jsonl")}
+
+
+def _curve(metrics: Path) -> list[dict]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{"tokens": r["tokens"], "heldout_loss": r["heldout_loss"]} for r in rows if "heldout_loss" in r]
+
+
+def scratch_runs(recipe: dict, tokenizer_source: str, out: Path, report) -> list[dict]:
+    """The paper's Table 1 at small scale: L-layer and L/2-layer baselines, 2 x L/2 separate and shared."""
+    from .convert import load_model
+    from .model import StagConfig, StagForCausalLM
+    from .train import finetune
+    spec = recipe["scratch"]
+    _, tokenizer = load_model(tokenizer_source)
+    layers = spec["layers"]
+    shapes = {f"base-{layers}L": dict(num_layers=layers), f"base-{layers // 2}L": dict(num_layers=layers // 2),
+              f"stag-2x{layers // 2}-separate": dict(num_layers=layers, sections=2),
+              f"stag-2x{layers // 2}-shared": dict(num_layers=layers // 2, sections=2, shared=True)}
+    results = []
+    for name, shape in shapes.items():
+        target = out / "scratch" / name
+        if not (target / "stag_recipe.json").is_file():
+            report(name, "training from scratch")
+            torch.manual_seed(0)
+            cfg = StagConfig(vocab_size=len(tokenizer), **spec["model"], **shape,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             stag_recipe={"tool": "stag experiment (from scratch)", **shape})
+            finetune(StagForCausalLM(cfg), tokenizer, _train_config(recipe, spec.get("finetune")), target)
+            shutil.rmtree(target / "checkpoints", ignore_errors=True)
+        curve = _curve(target / "metrics.jsonl")
+        params = sum(p.numel() for p in load_model(str(target))[0].parameters())
+        results.append({"name": name, **shape, "params": params, "curve": curve,
+                        "heldout_ppl": math.exp(curve[-1]["heldout_loss"])})
+    return results
+
+
+def bench_variants(entries: list[dict], recipe: dict, report) -> dict:
+    from .bench import bench_engine
+    settings = recipe.get("bench") or {}
+    speeds = {}
+    for entry in entries:
+        report(entry["name"], "benchmarking decode")
+        speeds[entry["name"]] = bench_engine(entry["finetuned"], batch_size=settings.get("batch_size", 1),
+                                             prompt_len=settings.get("prompt_len", 32),
+                                             new_tokens=settings.get("new_tokens", 32),
+                                             repeats=settings.get("repeats", 3))
+    return speeds
+
+
+# --- the whole experiment ---------------------------------------------------------------------------
+def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
+                   report: Optional[Callable[[str, str], None]] = None) -> dict:
+    report = report or (lambda who, what: None)
+    recipe = load_experiment(recipe_path, tiny)
+    out, results = Path(out_dir), Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    source = recipe["source"]
+    if isinstance(source, dict):  # tiny: build it here
+        source = build_tiny_source(source, recipe, out, report)
+
+    entries = [convert_and_finetune(name, v or {}, source, recipe, out, report)
+               for name, v in recipe["variants"].items()]
+
+    evaluation = None
+    if recipe.get("eval"):
+        from .evaluate import run_eval
+        report("eval", "lm-eval on the source and every fine-tuned variant")
+        spec = recipe["eval"]
+        paths = [source] + [e["finetuned"] for e in entries]
+        evaluation = run_eval(paths, spec["tasks"], limit=spec.get("limit"),
+                              batch_size=spec.get("batch_size", 4), seed=spec.get("seed", 1234))
+    speeds = bench_variants(entries, recipe, report) if recipe.get("bench") else {}
+    scratch = scratch_runs(recipe, source, out, report) if recipe.get("scratch") else []
+
+    summary = summarise(recipe, source, entries, evaluation, speeds, scratch,
+                        seconds=time.perf_counter() - started, tiny=tiny, recipe_path=str(recipe_path))
+    write_results(summary, results)
+    return summary
+
+
+def machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    import os
+    return f"{device}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tiny, recipe_path) -> dict:
+    control = next((e for e in entries if e.get("sections", 1) == 1), None)
+    control_ppl = math.exp(control["curve"][-1]["heldout_loss"]) if control else None
+    control_speed = speeds.get(control["name"]) if control else None
+    rows = []
+    for e in entries:
+        curve = e["curve"]
+        converted = e.get("sections", 1) > 1
+        row = {"variant": e["name"], "sections": e.get("sections", 1),
+               "mode": e.get("mode", "split") if converted else "unconverted", "window": e.get("window"),
+               "init": e.get("init", "zero") if converted else "", "distill": bool(e.get("distill")),
+               "heldout_ppl_before": math.exp(curve[0]["heldout_loss"]),
+               "heldout_ppl_after": math.exp(curve[-1]["heldout_loss"]), "tokens": curve[-1]["tokens"]}
+        if control_ppl:
+            row["ppl_vs_control"] = row["heldout_ppl_after"] / control_ppl - 1
+        speed = speeds.get(e["name"])
+        if speed:
+            row["ms_per_token"] = speed["ms_per_token"]
+            if control_speed:
+                row["latency_vs_control"] = speed["ms_per_token"] / control_speed["ms_per_token"]
+        rows.append(row)
+    labels = ["source"] + [e["name"] for e in entries]
+    tasks = []
+    if evaluation is not None:  # lm-eval labels columns by path; name them by variant instead
+        names = dict(zip([m.label for m in evaluation.models], labels))
+        for row in evaluation.rows:
+            tasks.append({"task": row["task"], "metric": row["metric"], "filter": row["filter"],
+                          "values": [row["values"].get(k, {}).get("value") for k in names],
+                          "stderr": [row["values"].get(k, {}).get("stderr") for k in names]})
+    return {"recipe": recipe_path, "tiny": tiny, "source": source, "machine": machine(),
+            "seconds": round(seconds, 1), "finetune": recipe.get("finetune"), "variants": rows,
+            "curves": {e["name"]: e["curve"] for e in entries}, "tasks": tasks, "task_models": labels,
+            "bench": speeds, "scratch": scratch}
+
+
+def write_results(summary: dict, results: Path):
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _plot({k: v for k, v in summary["curves"].items()}, results / "heldout_loss.png",
+          "Held-out loss while fine-tuning (conversions vs control)")
+    if summary["scratch"]:
+        _plot({r["name"]: r["curve"] for r in summary["scratch"]}, results / "scratch_heldout_loss.png",
+              "From scratch: held-out loss (paper Table 1 at small scale)")
+    (results / "results.md").write_text(results_markdown(summary))
+
+
+def _plot(curves: dict, path: Path, title: str):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional extras (pip install -e ".[dev]")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        ax.plot([p["tokens"] for p in curve], [p["heldout_loss"] for p in curve], marker=".", label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_markdown(s: dict) -> str:
+    fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)
+    lines = [f"# Results: `{s['recipe']}`" + (" (--tiny)" if s["tiny"] else ""), "",
+             f"- machine: {s['machine']}", f"- source: `{s['source']}`", f"- wall time: {s['seconds']} s",
+             f"- fine-tuning (same for every variant): `{json.dumps(s['finetune'])}`", "",
+             "## Conversions, fine-tuned for the same token budget", "",
+             "| variant | sections | mode | window | init | distil | tokens | held-out ppl after convert | "
+             "after fine-tune | vs control | decode ms/token | latency vs control |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in s["variants"]:
+        lines.append(f"| {r['variant']} | {r['sections']} | {r['mode']} | {r['window'] or ''} | {r['init']} | "
+                     f"{'yes' if r['distill'] else ''} | {r['tokens']:,} | {fmt(r['heldout_ppl_before'])} | "
+                     f"{fmt(r['heldout_ppl_after'])} | {fmt(r.get('ppl_vs_control'), '+.1%')} | "
+                     f"{fmt(r.get('ms_per_token'))} | {fmt(r.get('latency_vs_control'), '.2f')}x |")
+    if s["tasks"]:
+        lines += ["", "## lm-eval tasks", "", "| task | metric | " + " | ".join(s["task_models"]) + " |",
+                  "|---|---|" + "---|" * len(s["task_models"])]
+        for row in s["tasks"]:
+            values = " | ".join(fmt(v, ".4g") for v in row["values"])
+            lines.append(f"| {row['task']} | {row['metric']} | {values} |")
+    if s["scratch"]:
+        lines += ["", "## From scratch (the paper's Table 1 at small scale)", "",
+                  "| model | layers | sections | shared | parameters | held-out ppl |", "|---|---|---|---|---|---|"]
+        for r in s["scratch"]:
+            lines.append(f"| {r['name']} | {r['num_layers']} | {r.get('sections', 1)} | "
+                         f"{'yes' if r.get('shared') else ''} | {r['params']:,} | {r['heldout_ppl']:.2f} |")
+    lines += ["", "Plots: `heldout_loss.png`" + (", `scratch_heldout_loss.png`" if s["scratch"] else ""), ""]
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""`stag generate` and `stag bench` on tiny checkpoints (CPU; timings are not asserted)."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_tokenizer
+from stagcli.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_pair(hf_checkpoint, tmp_path):
+    src, _ = hf_checkpoint("llama")
+    tiny_tokenizer(src)
+    out = tmp_path / "stag"
+    assert runner.invoke(app, ["convert", str(src), str(out), "--sections", "2"]).exit_code == 0
+    return src, out
+
+
+def test_generate_streams_and_reports(tiny_pair):
+    _, model = tiny_pair
+    result = runner.invoke(app, ["generate", str(model), "--prompt", "in the beginning", "-n", "8"])
+    assert result.exit_code == 0, result.output
+    assert "time to first token" in result.output and "tokens/s" in result.output
+    assert "2 section(s)" in result.output
+
+
+def test_generate_batch_and_sampling(tiny_pair):
+    _, model = tiny_pair
+    args = ["generate", str(model), "-p", "abc", "-p", "a longer prompt", "-n", "5", "--temperature", "0.8",
+            "--top-p", "0.9", "--seed", "1"]
+    first, second = runner.invoke(app, args), runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    strip = lambda out: out.split("time to first token")[0]
+    assert strip(first.output).split("\n")[:2] == strip(second.output).split("\n")[:2]
+
+
+def test_generate_errors(tiny_pair):
+    _, model = tiny_pair
+    result = runner.invoke(app, ["generate", str(model), "-p", "x", "--chat"])
+    assert result.exit_code == 2 and "chat template" in result.output
+    result = runner.invoke(app, ["generate", str(model), "-p", "x", "--recurrent"])
+    assert result.exit_code == 2 and "shared" in result.output
+
+
+def test_bench_writes_json_with_all_systems(tiny_pair, tmp_path):
+    src, model = tiny_pair
+    out = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", str(model), "--baseline", str(src), "--batch-sizes", "1,2",
+                                 "--prompt-len", "8", "--new-tokens", "4", "--repeats", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    names = {(r["name"], r["batch_size"]) for r in data["rows"]}
+    assert names == {(n, b) for n in ("staggered", "baseline (same engine)", "baseline (HF static generate)")
+                     for b in (1, 2)}
+    for row in data["rows"]:
+        assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0 and row["bandwidth_GBps"] > 0
+        assert len(row["runs_ms_per_token"]) == 2
+    assert data["machine"] and data["baseline"] == str(src)
+    assert "stag bench" in result.output and "staggered" in result.output
+
+
+def test_bench_bad_batch_sizes(tiny_pair):
+    _, model = tiny_pair
+    result = runner.invoke(app, ["bench", str(model), "--batch-sizes", "one"])
+    assert result.exit_code == 2 and "--batch-sizes" in result.output
