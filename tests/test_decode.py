@@ -66,12 +66,48 @@ def test_eos_stops_rows_and_pads():
     assert stopped.tolist() == free.tolist()[:first + 1]  # stops right after the first EOS
 
 
-@pytest.mark.parametrize("variant", ["split2", "split2-lagged"])
-def test_one_rank_per_section_equals_single_process(variant):
+@pytest.mark.parametrize("variant, sampling", [
+    ("split2-lagged", {}),                                            # greedy, left-padded rows
+    ("shared2", dict(temperature=1.0, top_k=20, top_p=0.95, seed=3)),  # seeded sampling
+])
+def test_one_rank_per_section_equals_single_process(variant, sampling):
     """torch.distributed with gloo on CPU: section r in process r, sections running concurrently."""
     from stagcli.decode_ranks import generate_on_devices
     model = staggered("llama", variant)
-    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
-    single = generate(model, prompt, max_new_tokens=8)
-    ranks = generate_on_devices(model, prompt, max_new_tokens=8, devices=["cpu", "cpu"], timeout_s=120)
+    ids, mask = left_pad([[5, 9, 11, 4, 7], [8, 3]])
+    single = generate(model, ids, mask, max_new_tokens=8, **sampling)
+    ranks = generate_on_devices(model, ids, mask, max_new_tokens=8, devices=["cpu", "cpu"], timeout_s=120,
+                                **sampling)
     assert torch.equal(ranks, single)
+
+
+def test_recurrent_greedy_equals_uncached_reference():
+    """Recurrent approximation without caches: memory slot k holds pass 1's output for prompt
+    positions and pass 2's own output for generated ones; the whole prefix is recomputed each step."""
+    model = staggered("llama", "shared2")
+    pass1 = convert_model(tiny_hf_model("llama"), sections=1)  # pass 1 of shared2 = the source model
+    prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        memory, ids = pass1.run_sections(prompt), prompt
+        for _ in range(8):
+            t = ids.shape[1] - 1
+            slots = torch.cat([memory, memory.new_zeros(memory.shape[0], t + 1 - memory.shape[1], memory.shape[2])], 1)
+            hidden = model.run_sections(ids, memory_override=slots)  # slot t itself is never read at t
+            if t >= prompt.shape[1]:
+                memory = torch.cat([memory, hidden[:, t:t + 1]], 1)
+            ids = torch.cat([ids, model.logits(hidden[:, t]).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generate(model, prompt, max_new_tokens=8, recurrent=True), ids[:, prompt.shape[1]:])
+
+
+def test_decode_step_traces_as_one_graph():
+    """What torch.compile and CUDA-graph capture need on the GPU: the step is one graph with no
+    graph breaks (no host syncs, no data-dependent python). Checked with dynamo on CPU."""
+    from stagcli.decode import DecodeEngine
+    model = staggered("llama", "split2-lagged")
+    engine = DecodeEngine(model, 2, 16)
+    engine.prefill(torch.randint(0, VOCAB, (2, 5)))
+    engine.cache.claim(1)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.decode_step)(torch.tensor([3, 4]), engine.cache, False,
+                                                             engine.memory_kv)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
