@@ -5,7 +5,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -53,12 +55,32 @@ def load_hf_config(src: str):
         raise StagError(f"cannot read the config of {src}: {_first_line(err)}") from err
 
 
+@contextmanager
+def _quiet_gguf_loader():
+    """transformers' GGUF loader draws its own bare tqdm bar, which disable_progress_bar() does not
+    reach; it would scribble over our Rich output, so it is switched off while loading."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:
+        yield
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None:
+        gguf_loader.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_loader.tqdm = bar
+
+
 def load_hf_model(src: str):
     """(model in fp32, tokenizer or None). Works for safetensors/bin directories and GGUF files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     where, kw = _source_kwargs(src)
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+        with _quiet_gguf_loader():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
     except Exception as err:
         raise StagError(f"cannot load the weights of {src}: {_first_line(err)}") from err
     try:

@@ -109,7 +109,7 @@ def _train_config(recipe: dict, extra: Optional[dict] = None):
 
 def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, out: Path, report) -> dict:
     from .convert import convert, load_model
-    from .train import finetune
+    from .train import finetune, last_checkpoint
     work = out / "variants" / name
     converted = work / "converted"
     if variant.get("sections", 1) > 1 and not (converted / "config.json").is_file():
@@ -119,14 +119,17 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
     model_path = str(converted) if variant.get("sections", 1) > 1 else source
     finetuned = work / "finetuned"
     if not (finetuned / "stag_recipe.json").is_file():
+        # an interrupted run (killed, out of time) continues from its last checkpoint
+        resume = last_checkpoint(finetuned) is not None
         model, tokenizer = load_model(model_path)
         teacher = load_model(source)[0] if variant.get("distill") else None
         extra = {"train": variant.get("train", "all")}
         if teacher is None:
             extra["distill_alpha"] = 0.0
-        report(name, "fine-tuning" + (" with distillation" if teacher is not None else ""))
+        report(name, ("resuming " if resume else "") + "fine-tuning"
+               + (" with distillation" if teacher is not None else ""))
         start = time.perf_counter()
-        finetune(model, tokenizer, _train_config(recipe, extra), finetuned, teacher=teacher,
+        finetune(model, tokenizer, _train_config(recipe, extra), finetuned, teacher=teacher, resume=resume,
                  run_info={"model": model_path, "teacher": source if teacher is not None else None})
         (work / "time.json").write_text(json.dumps({"finetune_s": time.perf_counter() - start}))
         shutil.rmtree(finetuned / "checkpoints", ignore_errors=True)  # the final model is kept
@@ -182,10 +185,37 @@ def bench_variants(entries: list[dict], recipe: dict, report) -> dict:
 
 
 # --- the whole experiment ---------------------------------------------------------------------------
+STEPS = ("eval", "bench", "scratch")  # the optional steps after fine-tuning
+
+
+def select(recipe: dict, variants: Optional[list[str]] = None, max_tokens: Optional[int] = None,
+           skip: Optional[list[str]] = None) -> dict:
+    """The recipe narrowed to some variants, with another token budget, or without some steps."""
+    recipe = dict(recipe)
+    if variants:
+        unknown = [v for v in variants if v not in recipe["variants"]]
+        if unknown:
+            raise StagError(f"no variant {', '.join(unknown)} in the recipe; it has: {', '.join(recipe['variants'])}")
+        recipe["variants"] = {v: recipe["variants"][v] for v in variants}
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise StagError(f"--max-tokens must be positive, got {max_tokens}")
+        recipe["finetune"] = {**(recipe.get("finetune") or {}), "max_tokens": max_tokens}
+        if recipe.get("scratch"):
+            scratch_ft = {**(recipe["scratch"].get("finetune") or {}), "max_tokens": max_tokens}
+            recipe["scratch"] = {**recipe["scratch"], "finetune": scratch_ft}
+    for step in skip or []:
+        if step not in STEPS:
+            raise StagError(f"--skip takes {', '.join(STEPS)}; got '{step}'")
+        recipe.pop(step, None)
+    return recipe
+
+
 def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
-                   report: Optional[Callable[[str, str], None]] = None) -> dict:
+                   report: Optional[Callable[[str, str], None]] = None, variants: Optional[list[str]] = None,
+                   max_tokens: Optional[int] = None, skip: Optional[list[str]] = None) -> dict:
     report = report or (lambda who, what: None)
-    recipe = load_experiment(recipe_path, tiny)
+    recipe = select(load_experiment(recipe_path, tiny), variants, max_tokens, skip)
     out, results = Path(out_dir), Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

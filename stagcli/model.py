@@ -111,11 +111,15 @@ def apply_rope(x, cos, sin):  # x [S, B, H, T, hd]
 def attend(q, k, v, mask):
     """q [S,B,H,T,hd], k/v [S,B,Hkv,K,hd], boolean mask [B,1,T,K] -> [S,B,H,T,hd]."""
     S, B, H, T, hd = q.shape
-    if k.shape[2] != H:  # grouped-query attention
-        k, v = k.repeat_interleave(H // k.shape[2], 2), v.repeat_interleave(H // k.shape[2], 2)
+    Hkv, K = k.shape[2], k.shape[3]
+    group = H // Hkv
+    # Grouped-query attention without copying K/V: the `group` query heads that share a K/V head
+    # become `group * T` query rows of that head (head h reads K/V head h // group, as in Llama).
+    q = q.reshape(S * B, Hkv, group * T, hd)
+    mask = mask[:, :, None].expand(B, 1, group, T, K).reshape(B, 1, group * T, K)
+    mask = mask.expand(S, *mask.shape).reshape(S * B, 1, group * T, K)
     flat = lambda t: t.reshape(S * B, *t.shape[2:])
-    mask = mask.expand(S, *mask.shape).reshape(S * B, *mask.shape[1:])
-    return F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
+    return F.scaled_dot_product_attention(q, flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
 
 
 def attention_masks(key_valid, q_slots, window):

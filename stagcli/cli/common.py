@@ -25,6 +25,11 @@ def handles_errors(command):
     return wrapper
 
 
+def comma_list(*values) -> list[str]:
+    """'a,b' 'c' -> ['a', 'b', 'c'] (options that take comma-separated and/or repeated values)."""
+    return [part.strip() for value in values if value for part in value.split(",") if part.strip()]
+
+
 def progress_bar(*extra_columns, transient=False) -> Progress:
     return Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                     MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),

@@ -9,12 +9,8 @@ import typer
 from rich.table import Table
 
 from . import app
-from .common import console, handles_errors, progress_bar
+from .common import comma_list, console, handles_errors, progress_bar
 from ..errors import StagError
-
-
-def _split_tasks(tasks: List[str]) -> list[str]:
-    return [t.strip() for group in tasks for t in group.split(",") if t.strip()]
 
 
 def _num(value) -> str:
@@ -101,7 +97,7 @@ def eval_command(
 ):
     """Evaluate models on lm-evaluation-harness tasks and print one table: a column per model,
     a row per metric, with stderr and the change against the first model."""
-    task_names = _split_tasks(tasks)
+    task_names = comma_list(*tasks)
     if output is not None and output.is_dir():
         raise StagError(f"--output {output} is a directory; give a file name")
     for path in include_path:
