@@ -200,6 +200,9 @@ def _init_cross_attention(model, ours, filled):
             ours[p + "cross_norm.weight"][c].copy_(ours[p + "attn_norm.weight"][w])
             ours[p + "cross_q.weight"][c].copy_(ours[p + "qkv.weight"][w][:q_rows])
             ours[p + "cross_kv.weight"][c].copy_(ours[p + "qkv.weight"][w][q_rows:])
+            for head_norm in ("q_norm", "k_norm"):
+                if p + f"cross_{head_norm}.weight" in ours:
+                    ours[p + f"cross_{head_norm}.weight"][c].copy_(ours[p + f"{head_norm}.weight"][w])
             for part in ("norm", "q", "kv"):
                 if p + f"cross_{part}.bias" in ours:
                     source = {"norm": "attn_norm.bias", "q": "qkv.bias", "kv": "qkv.bias"}[part]

@@ -22,6 +22,7 @@ from .errors import StagError
 
 def narrow_to_section(model, rank: int):
     """Drop every weight set but section `rank`'s (in place). Shared-weight models keep their one set."""
+    from .model import StackedLinear, StackedNorm
     cfg = model.config
 
     def keep(module, index):
@@ -32,12 +33,10 @@ def narrow_to_section(model, rank: int):
 
     if cfg.shared:
         return model
-    for block in model.blocks:
-        for name in ("attn_norm", "mlp_norm", "qkv", "o", "up", "down"):
-            keep(getattr(block, name), rank)
-        for name in ("cross_norm", "cross_q", "cross_kv", "cross_o"):
-            if hasattr(block, name):
-                keep(getattr(block, name), rank - 1)
+    for block in model.blocks:  # every stacked weight: section r's set, or cross set r - 1
+        for name, module in block.named_children():
+            if isinstance(module, (StackedLinear, StackedNorm)):
+                keep(module, rank - 1 if name.startswith("cross_") else rank)
     if model.mem_norm is not None:
         keep(model.mem_norm, rank - 1)
     return model

@@ -50,6 +50,8 @@ def _llama_check(cfg):
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         return f"RoPE scaling type '{rope_type}' is not supported yet (only 'default')"
+    if getattr(cfg, "use_sliding_window", False):  # Qwen2/Qwen3 option, off in released checkpoints
+        return "sliding-window attention (use_sliding_window=True) is not supported yet"
     return None
 
 
@@ -64,7 +66,7 @@ _q_k_v = lambda kind: Cat((f"self_attn.q_proj.{kind}", f"self_attn.k_proj.{kind}
 
 LLAMA = Family(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     fixed=dict(norm="rms", positions="rope", mlp="gated"),
     hparams=dict(
         vocab_size="vocab_size", hidden_size="hidden_size", num_layers="num_hidden_layers",
@@ -89,9 +91,12 @@ LLAMA = Family(
         "up.bias": Cat(("mlp.gate_proj.bias", "mlp.up_proj.bias")),
         "down.weight": "mlp.down_proj.weight",
         "down.bias": "mlp.down_proj.bias",
+        "q_norm.weight": "self_attn.q_norm.weight",  # Qwen3: per-head RMSNorm on q and k
+        "k_norm.weight": "self_attn.k_norm.weight",
     },
-    optional=frozenset({"qkv.bias", "o.bias", "up.bias", "down.bias", "lm_head.weight"}),
-    presence_flags={"qkv_bias": "qkv.bias", "o_bias": "o.bias", "mlp_bias": "up.bias"},
+    optional=frozenset({"qkv.bias", "o.bias", "up.bias", "down.bias", "lm_head.weight", "q_norm.weight",
+                        "k_norm.weight"}),
+    presence_flags={"qkv_bias": "qkv.bias", "o_bias": "o.bias", "mlp_bias": "up.bias", "qk_norm": "q_norm.weight"},
     check=_llama_check,
 )
 

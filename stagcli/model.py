@@ -28,7 +28,7 @@ class StagConfig(PretrainedConfig):
     def __init__(self, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=None,
                  head_dim=None, intermediate_size=128, norm="rms", norm_eps=1e-6, positions="rope",
                  rope_theta=10000.0, max_positions=512, mlp="gated", activation="silu",
-                 qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=True,
+                 qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, tie_embeddings=True,
                  sections=1, shared=False, window=None, lagged_input=False, stag_recipe=None, **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
@@ -38,6 +38,7 @@ class StagConfig(PretrainedConfig):
         self.positions, self.rope_theta, self.max_positions = positions, rope_theta, max_positions
         self.mlp, self.activation = mlp, activation
         self.qkv_bias, self.o_bias, self.mlp_bias = qkv_bias, o_bias, mlp_bias
+        self.qk_norm = qk_norm  # per-head RMSNorm on queries and keys before RoPE (Qwen3)
         self.tie_embeddings = tie_embeddings
         self.sections, self.shared, self.window, self.lagged_input = sections, shared, window, lagged_input
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
@@ -160,8 +161,10 @@ class Block(nn.Module):
         super().__init__()
         d, hd, W, C = cfg.hidden_size, cfg.head_dim, cfg.weight_sets, cfg.cross_sets
         self.heads, self.kv_heads = cfg.num_heads, cfg.num_kv_heads
-        norm = lambda sets: StackedNorm(sets, d, cfg.norm, cfg.norm_eps)
+        norm = lambda sets, dim=d: StackedNorm(sets, dim, cfg.norm, cfg.norm_eps)
+        head_norm = lambda sets: norm(sets, hd) if cfg.qk_norm else None
         self.attn_norm, self.mlp_norm = norm(W), norm(W)
+        self.q_norm, self.k_norm = head_norm(W), head_norm(W)
         self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
         self.qkv = StackedLinear(W, d, sum(self.qkv_sizes), cfg.qkv_bias)
         self.o = StackedLinear(W, self.heads * hd, d, cfg.o_bias)
@@ -174,19 +177,23 @@ class Block(nn.Module):
             self.cross_q = StackedLinear(C, d, self.heads * hd, cfg.qkv_bias)
             self.cross_kv = StackedLinear(C, d, 2 * self.kv_heads * hd, cfg.qkv_bias)
             self.cross_o = StackedLinear(C, self.heads * hd, d, cfg.o_bias, zero_init=True)
+            self.cross_q_norm, self.cross_k_norm = head_norm(C), head_norm(C)
 
-    def split_heads(self, x, n):  # [S,B,T,n*hd] -> [S,B,n,T,hd]
-        return x.view(*x.shape[:3], n, -1).transpose(2, 3)
+    def split_heads(self, x, n, norm=None, sets=None):  # [S,B,T,n*hd] -> [S,B,n,T,hd]
+        x = x.view(*x.shape[:3], n, -1).transpose(2, 3)
+        return x if norm is None else norm(x, sets)
 
     def memory_kv(self, memory, cross: slice, rope):
         k, v = self.cross_kv(memory, cross).chunk(2, -1)
-        k, v = self.split_heads(k, self.kv_heads), self.split_heads(v, self.kv_heads)
+        k, v = self.split_heads(k, self.kv_heads, self.cross_k_norm, cross), self.split_heads(v, self.kv_heads)
         return (apply_rope(k, *rope) if rope else k), v
 
     def forward(self, x, run: Run, j: int):  # x [S, B, T, d]
         merge = lambda t: t.transpose(2, 3).flatten(3)
         q, k, v = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
-        q, k, v = self.split_heads(q, self.heads), self.split_heads(k, self.kv_heads), self.split_heads(v, self.kv_heads)
+        q = self.split_heads(q, self.heads, self.q_norm, run.weights)
+        k = self.split_heads(k, self.kv_heads, self.k_norm, run.weights)
+        v = self.split_heads(v, self.kv_heads)
         if run.rope:
             q, k = apply_rope(q, *run.rope), apply_rope(k, *run.rope)
         if run.cache is not None:
@@ -195,7 +202,8 @@ class Block(nn.Module):
         if run.first_cross is not None:
             c = run.first_cross
             xc = x[c:]
-            q = self.split_heads(self.cross_q(self.cross_norm(xc, run.cross), run.cross), self.heads)
+            q = self.cross_q(self.cross_norm(xc, run.cross), run.cross)
+            q = self.split_heads(q, self.heads, self.cross_q_norm, run.cross)
             q = apply_rope(q, *run.rope) if run.rope else q
             k = v = None
             if run.memory is not None:
@@ -454,7 +462,10 @@ class StagForCausalLM(PreTrainedModel):
         weight = torch.cat([b.cross_kv.weight for b in self.blocks], 1).detach()
         biases = [b.cross_kv.bias for b in self.blocks]
         bias = None if biases[0] is None else torch.cat(biases, 1).detach()
-        return weight, bias
+        k_norm = None  # [C, depth, hd]
+        if self.config.qk_norm:
+            k_norm = torch.stack([b.cross_k_norm.weight for b in self.blocks], 1).detach()
+        return weight, bias, k_norm
 
     def write_memory(self, source, cache, slots, positions, memory_kv=None, rows: slice | None = None):
         """K/V of every depth's cross-attention for outputs `source` [C, B, d] at `slots`.
@@ -472,7 +483,7 @@ class StagForCausalLM(PreTrainedModel):
             for j, block in enumerate(self.blocks):
                 cache.update_memory(j, rows, slots, *block.memory_kv(memory, cross, rope))
             return
-        weight, bias = memory_kv
+        weight, bias, k_norm = memory_kv
         weight, bias = weight[cross], None if bias is None else bias[cross]
         C, B = memory.shape[:2]
         kvh, hd, D = cfg.num_kv_heads, cfg.head_dim, cfg.depth
@@ -483,6 +494,10 @@ class StagForCausalLM(PreTrainedModel):
                 else torch.bmm(memory[:, :, 0], weight.transpose(1, 2))
         kv = kv.view(C, B, D, 2, kvh, 1, hd).permute(3, 2, 0, 1, 4, 5, 6)  # [2, D, C, B, kvh, 1, hd]
         k, v = kv[0], kv[1]
+        if k_norm is not None:  # each depth's and set's head norm, like StackedNorm's RMS
+            kf = k.float()
+            k = (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).to(k.dtype)
+            k = k_norm[cross].transpose(0, 1)[:, :, None, None, None] * k
         if rope:
             cos, sin = rope  # [B, 1, hd] -> broadcast over [D, C, B, kvh, 1, hd]
             k = apply_rope(k.flatten(0, 1), cos, sin).view(k.shape)

@@ -14,7 +14,7 @@ VOCAB = 97
 def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0):
     """A random transformers model of the given family, well under 1M parameters."""
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     torch.manual_seed(seed)
     llama_like = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -25,6 +25,8 @@ def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0)
         model = LlamaForCausalLM(LlamaConfig(**llama_like, attention_bias=True))
     elif family == "qwen2":  # q, k, v biases, no o bias
         model = Qwen2ForCausalLM(Qwen2Config(**llama_like))
+    elif family == "qwen3":  # per-head q/k RMSNorm; head_dim not hidden/heads, as in real Qwen3
+        model = Qwen3ForCausalLM(Qwen3Config(**llama_like, head_dim=16))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**llama_like, sliding_window=None))
     elif family == "gpt2":

@@ -14,7 +14,7 @@ from stagcli.convert import convert_model, load_model
 from stagcli.model import StagForCausalLM
 
 runner = CliRunner()
-ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "qwen2", "mistral", "gpt2"]
+ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "qwen2", "qwen3", "mistral", "gpt2"]
 
 
 @pytest.mark.parametrize("family", ROUND_TRIP_FAMILIES)

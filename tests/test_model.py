@@ -17,7 +17,7 @@ VARIANTS = {
     "shared2-window2": dict(sections=2, mode="shared", window=2),
     "shared3": dict(sections=3, mode="shared"),
 }
-FAMILIES = ["llama", "qwen2", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gpt2"]
 
 
 def staggered(family, variant, seed=0):
@@ -27,17 +27,19 @@ def staggered(family, variant, seed=0):
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "cross_o" in name or "mem_norm" in name:
+            if "cross_o" in name or "mem_norm" in name or "cross_k_norm" in name or "cross_q_norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
     return model
 
 
-def decode_logits(model, ids, prompt_len, mask=None, recurrent=False):
-    """Prefill the prompt, then feed the remaining tokens one step at a time."""
+def decode_logits(model, ids, prompt_len, mask=None, recurrent=False, fused_memory=False):
+    """Prefill the prompt, then feed the remaining tokens one step at a time. fused_memory: every
+    depth's memory K/V from one GEMM (memory_kv_weights), as the decode engine does."""
     cache = model.new_cache(ids.shape[0], ids.shape[1] + 2)
+    memory_kv = model.memory_kv_weights() if fused_memory else None
     logits = [model.prefill(ids[:, :prompt_len], cache, None if mask is None else mask[:, :prompt_len])]
     for t in range(prompt_len, ids.shape[1]):
-        logits.append(model.step(ids[:, t], cache, recurrent=recurrent))
+        logits.append(model.step(ids[:, t], cache, recurrent=recurrent, memory_kv=memory_kv))
     return torch.stack(logits, 1)  # logits after positions prompt_len-1 .. T-1
 
 
@@ -50,6 +52,16 @@ def test_forward_equals_cached_decode(family, variant):
     for prompt_len in (1, 6):
         dec = decode_logits(model, ids, prompt_len)
         assert (dec - full[:, prompt_len - 1:]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("variant", ["split2", "split4-window3", "shared3"])
+def test_fused_memory_kv_equals_per_depth(family, variant):
+    """The decode engine's one-GEMM memory K/V (with Qwen3's per-depth key norms) = the plain path."""
+    model = staggered(family, variant)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
+    full = model(ids).logits
+    assert (decode_logits(model, ids, 4, fused_memory=True) - full[:, 3:]).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("variant", ["split2", "split2-lagged", "shared2-window2"])
