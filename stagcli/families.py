@@ -45,11 +45,21 @@ def _rope_theta(cfg):
     return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
+def _rope_scaling(cfg):
+    """The scaling part of HF's rope_parameters (None for plain RoPE)."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    params.pop("rope_theta", None)
+    params["rope_type"] = params.pop("type", None) or params.get("rope_type", "default")  # older configs: "type"
+    if params["rope_type"] == "llama3":  # as transformers: defaults to the model's context
+        params.setdefault("original_max_position_embeddings", cfg.max_position_embeddings)
+    return params if params["rope_type"] != "default" else None
+
+
 def _llama_check(cfg):
-    params = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
-    if rope_type != "default":
-        return f"RoPE scaling type '{rope_type}' is not supported yet (only 'default')"
+    from .model import ROPE_SCALINGS
+    rope_type = (_rope_scaling(cfg) or {}).get("rope_type", "default")
+    if rope_type not in ROPE_SCALINGS:
+        return f"RoPE scaling type '{rope_type}' is not supported yet (supported: {', '.join(ROPE_SCALINGS)})"
     if getattr(cfg, "use_sliding_window", False):  # Qwen2/Qwen3 option, off in released checkpoints
         return "sliding-window attention (use_sliding_window=True) is not supported yet"
     return None
@@ -75,6 +85,7 @@ LLAMA = Family(
         head_dim=lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         intermediate_size="intermediate_size", norm_eps="rms_norm_eps",
         max_positions="max_position_embeddings", activation="hidden_act", rope_theta=_rope_theta,
+        rope_scaling_params=_rope_scaling,
         tie_embeddings=lambda c: bool(getattr(c, "tie_word_embeddings", False)),
     ),
     layer_prefix="model.layers.{i}.",

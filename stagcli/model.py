@@ -11,6 +11,7 @@ Both use the same Block code, so they give the same logits.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ class StagConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=None,
                  head_dim=None, intermediate_size=128, norm="rms", norm_eps=1e-6, positions="rope",
-                 rope_theta=10000.0, max_positions=512, mlp="gated", activation="silu",
+                 rope_theta=10000.0, rope_scaling_params=None, max_positions=512, mlp="gated", activation="silu",
                  qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, tie_embeddings=True,
                  sections=1, shared=False, window=None, lagged_input=False, stag_recipe=None, **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
@@ -36,6 +37,8 @@ class StagConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_heads
         self.intermediate_size, self.norm, self.norm_eps = intermediate_size, norm, norm_eps
         self.positions, self.rope_theta, self.max_positions = positions, rope_theta, max_positions
+        # None, or {"rope_type": "linear" | "llama3", ...} as in HF configs (not "rope_scaling": HF reserves it)
+        self.rope_scaling_params = rope_scaling_params
         self.mlp, self.activation = mlp, activation
         self.qkv_bias, self.o_bias, self.mlp_bias = qkv_bias, o_bias, mlp_bias
         self.qk_norm = qk_norm  # per-head RMSNorm on queries and keys before RoPE (Qwen3)
@@ -95,9 +98,32 @@ class StackedNorm(nn.Module):
         return y * self.weight[sets].view(shape) + self.bias[sets].view(shape)
 
 
-def rope_tables(positions, head_dim, theta, dtype):
+ROPE_SCALINGS = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(cfg: StagConfig, device):
+    """RoPE inverse frequencies [head_dim / 2], with the source's scaling ('linear', or Llama 3.1's
+    'llama3': long wavelengths slowed by `factor`, a smooth blend between)."""
+    hd = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
+    scaling = cfg.rope_scaling_params or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > context / low, inv / factor, inv)
+        smooth = (context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return torch.where(medium, blended, scaled)
+    return inv
+
+
+def rope_tables(positions, inv_freq, dtype):
     """cos/sin [B, T, head_dim] for integer positions [B, T] (Llama's rotate-half convention)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], -1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -341,7 +367,7 @@ class StagForCausalLM(PreTrainedModel):
         c0 = max(s0, 1)
         rope = None
         if cfg.positions == "rope":
-            rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, self.embed.weight.dtype)
+            rope = rope_tables(positions, rope_inv_freq(cfg, positions.device), self.embed.weight.dtype)
         masks = attention_masks(key_valid, q_slots, cfg.window)
         return Run(weights=slice(0, 1) if cfg.shared else sections,
                    cross=slice(0, 1) if cfg.shared else slice(c0 - 1, s1 - 1),
@@ -476,7 +502,9 @@ class StagForCausalLM(PreTrainedModel):
         if memory_kv is not None and memory_kv[0].shape[0] == 1:
             cross = slice(0, 1)  # weights already narrowed to one set (shared, or one rank's section)
         memory = self.mem_norm(source[:, :, None], cross)
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, memory.dtype) if cfg.positions == "rope" else None
+        rope = None
+        if cfg.positions == "rope":
+            rope = rope_tables(positions, rope_inv_freq(cfg, positions.device), memory.dtype)
         n = cache.mem_k.shape[1]
         rows = rows or slice(n - memory.shape[0], n)
         if memory_kv is None:

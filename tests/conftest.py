@@ -25,6 +25,12 @@ def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0)
         model = LlamaForCausalLM(LlamaConfig(**llama_like, attention_bias=True))
     elif family == "qwen2":  # q, k, v biases, no o bias
         model = Qwen2ForCausalLM(Qwen2Config(**llama_like))
+    elif family == "llama3-rope":  # Llama 3.1's RoPE scaling, with a context short enough to matter here
+        model = LlamaForCausalLM(LlamaConfig(**llama_like, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=8)))
+    elif family == "linear-rope":
+        model = LlamaForCausalLM(LlamaConfig(**llama_like, rope_parameters=dict(rope_type="linear", factor=2.0)))
     elif family == "qwen3":  # per-head q/k RMSNorm; head_dim not hidden/heads, as in real Qwen3
         model = Qwen3ForCausalLM(Qwen3Config(**llama_like, head_dim=16))
     elif family == "mistral":

@@ -14,7 +14,7 @@ from stagcli.convert import convert_model, load_model
 from stagcli.model import StagForCausalLM
 
 runner = CliRunner()
-ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "qwen2", "qwen3", "mistral", "gpt2"]
+ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "llama3-rope", "linear-rope", "qwen2", "qwen3", "mistral", "gpt2"]
 
 
 @pytest.mark.parametrize("family", ROUND_TRIP_FAMILIES)
@@ -95,6 +95,16 @@ def test_error_unsupported_architecture(tmp_path):
     (src / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     out = tmp_path / "out"
     _expect_error(["convert", str(src), str(out)], "unsupported architecture 'bert'", out)
+    assert not out.exists()
+
+
+def test_error_unsupported_rope_scaling(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    src, out = tmp_path / "yarn", tmp_path / "out"
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, rope_parameters=dict(rope_type="yarn", factor=4.0))
+                     ).save_pretrained(src)
+    _expect_error(["convert", str(src), str(out)], "RoPE scaling type 'yarn' is not supported", out)
     assert not out.exists()
 
 
