@@ -86,6 +86,7 @@ LLAMA = Family(
         intermediate_size="intermediate_size", norm_eps="rms_norm_eps",
         max_positions="max_position_embeddings", activation="hidden_act", rope_theta=_rope_theta,
         rope_scaling_params=_rope_scaling,
+        sliding_window=lambda c: getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None,
         tie_embeddings=lambda c: bool(getattr(c, "tie_word_embeddings", False)),
     ),
     layer_prefix="model.layers.{i}.",

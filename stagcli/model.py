@@ -29,7 +29,8 @@ class StagConfig(PretrainedConfig):
     def __init__(self, vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=None,
                  head_dim=None, intermediate_size=128, norm="rms", norm_eps=1e-6, positions="rope",
                  rope_theta=10000.0, rope_scaling_params=None, max_positions=512, mlp="gated", activation="silu",
-                 qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, tie_embeddings=True,
+                 qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None,
+                 tie_embeddings=True,
                  sections=1, shared=False, window=None, lagged_input=False, stag_recipe=None, **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
@@ -42,6 +43,7 @@ class StagConfig(PretrainedConfig):
         self.mlp, self.activation = mlp, activation
         self.qkv_bias, self.o_bias, self.mlp_bias = qkv_bias, o_bias, mlp_bias
         self.qk_norm = qk_norm  # per-head RMSNorm on queries and keys before RoPE (Qwen3)
+        self.sliding_window = sliding_window  # the source's self-attention window (Mistral 7B v0.1)
         self.tie_embeddings = tie_embeddings
         self.sections, self.shared, self.window, self.lagged_input = sections, shared, window, lagged_input
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
@@ -149,12 +151,16 @@ def attend(q, k, v, mask):
     return F.scaled_dot_product_attention(q, flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
 
 
-def attention_masks(key_valid, q_slots, window):
-    """Self mask (causal, own slot always allowed so padded rows stay finite), strictly causal
-    cross mask (optionally windowed), and which queries have any memory at all."""
+def attention_masks(key_valid, q_slots, window, sliding_window=None):
+    """Self mask (causal, own slot always allowed so padded rows stay finite; the last
+    `sliding_window` slots only, if set), strictly causal cross mask (optionally windowed), and
+    which queries have any memory at all."""
     k = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
     i = q_slots[:, None]
-    self_mask = ((k <= i) & key_valid[:, None, :]) | (k == i)
+    self_keys = (k <= i) & key_valid[:, None, :]
+    if sliding_window:  # as transformers: key slot > query slot - sliding_window
+        self_keys = self_keys & (k > i - sliding_window)
+    self_mask = self_keys | (k == i)
     cross = (k < i) & key_valid[:, None, :]
     if window:
         cross = cross & (k >= i - window)
@@ -368,7 +374,7 @@ class StagForCausalLM(PreTrainedModel):
         rope = None
         if cfg.positions == "rope":
             rope = rope_tables(positions, rope_inv_freq(cfg, positions.device), self.embed.weight.dtype)
-        masks = attention_masks(key_valid, q_slots, cfg.window)
+        masks = attention_masks(key_valid, q_slots, cfg.window, cfg.sliding_window)
         return Run(weights=slice(0, 1) if cfg.shared else sections,
                    cross=slice(0, 1) if cfg.shared else slice(c0 - 1, s1 - 1),
                    cross_rows=slice(c0 - 1, s1 - 1), first_cross=c0 - s0 if s1 > c0 else None,

@@ -35,6 +35,8 @@ def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0)
         model = Qwen3ForCausalLM(Qwen3Config(**llama_like, head_dim=16))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**llama_like, sliding_window=None))
+    elif family == "mistral-window":  # Mistral 7B v0.1's sliding-window self-attention, short enough to act
+        model = MistralForCausalLM(MistralConfig(**llama_like, sliding_window=4))
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4,
                                            n_positions=128, bos_token_id=1, eos_token_id=2))

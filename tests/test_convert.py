@@ -14,7 +14,8 @@ from stagcli.convert import convert_model, load_model
 from stagcli.model import StagForCausalLM
 
 runner = CliRunner()
-ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "llama3-rope", "linear-rope", "qwen2", "qwen3", "mistral", "gpt2"]
+ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "llama3-rope", "linear-rope", "qwen2", "qwen3", "mistral",
+                       "mistral-window", "gpt2"]
 
 
 @pytest.mark.parametrize("family", ROUND_TRIP_FAMILIES)

@@ -17,7 +17,7 @@ VARIANTS = {
     "shared2-window2": dict(sections=2, mode="shared", window=2),
     "shared3": dict(sections=3, mode="shared"),
 }
-FAMILIES = ["llama", "qwen2", "qwen3", "gpt2"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral-window", "gpt2"]
 
 
 def staggered(family, variant, seed=0):
