@@ -8,7 +8,7 @@ Adding a family is adding an entry here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Union
 
 
@@ -60,6 +60,8 @@ def _llama_check(cfg):
     rope_type = (_rope_scaling(cfg) or {}).get("rope_type", "default")
     if rope_type not in ROPE_SCALINGS:
         return f"RoPE scaling type '{rope_type}' is not supported yet (supported: {', '.join(ROPE_SCALINGS)})"
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini rotates 3/4 of each head
+        return f"partial rotary embeddings (partial_rotary_factor={cfg.partial_rotary_factor}) are not supported yet"
     if getattr(cfg, "use_sliding_window", False):  # Qwen2/Qwen3 option, off in released checkpoints
         return "sliding-window attention (use_sliding_window=True) is not supported yet"
     return None
@@ -112,6 +114,15 @@ LLAMA = Family(
     check=_llama_check,
 )
 
+# Phi-3 / Phi-4: Llama's layout with q|k|v and gate|up already fused in the checkpoint
+PHI3 = replace(
+    LLAMA, name="phi3", model_types=("phi3",),
+    layer={**{name: spec for name, spec in LLAMA.layer.items()
+              if not name.endswith("bias") and name not in ("q_norm.weight", "k_norm.weight")},
+           "qkv.weight": "self_attn.qkv_proj.weight", "up.weight": "mlp.gate_up_proj.weight"},
+    optional=frozenset({"lm_head.weight"}), presence_flags={},
+)
+
 GPT2 = Family(
     name="gpt2",
     model_types=("gpt2",),
@@ -137,7 +148,7 @@ GPT2 = Family(
     check=_gpt2_check,
 )
 
-FAMILIES = (LLAMA, GPT2)
+FAMILIES = (LLAMA, PHI3, GPT2)
 
 
 def family_for(model_type: str) -> Family | None:

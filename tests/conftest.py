@@ -14,7 +14,7 @@ VOCAB = 97
 def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0):
     """A random transformers model of the given family, well under 1M parameters."""
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     torch.manual_seed(seed)
     llama_like = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -37,6 +37,8 @@ def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0)
         model = MistralForCausalLM(MistralConfig(**llama_like, sliding_window=None))
     elif family == "mistral-window":  # Mistral 7B v0.1's sliding-window self-attention, short enough to act
         model = MistralForCausalLM(MistralConfig(**llama_like, sliding_window=4))
+    elif family == "phi3":  # fused qkv_proj and gate_up_proj; Phi-3-mini-4k's sliding window
+        model = Phi3ForCausalLM(Phi3Config(**llama_like, sliding_window=5, pad_token_id=0))
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4,
                                            n_positions=128, bos_token_id=1, eos_token_id=2))

@@ -15,7 +15,7 @@ from stagcli.model import StagForCausalLM
 
 runner = CliRunner()
 ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "llama3-rope", "linear-rope", "qwen2", "qwen3", "mistral",
-                       "mistral-window", "gpt2"]
+                       "mistral-window", "phi3", "gpt2"]
 
 
 @pytest.mark.parametrize("family", ROUND_TRIP_FAMILIES)
