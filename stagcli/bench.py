@@ -36,6 +36,40 @@ def _resolve_device(device: str | None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "linear", "matmul")  # + every scaled-dot-product attention
+
+
+@torch.no_grad()
+def count_decode_ops(model, batch_size: int = 1) -> dict:
+    """Aten ops dispatched by one eager decode step (views excluded): `heavy` = GEMMs and attention
+    calls, `other` = elementwise and copies. A machine-independent cost measure: on a GPU, small
+    models are bound by how many kernels a step launches, and torch.compile fuses the `other` ops
+    but not the heavy ones."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    device = model.embed.weight.device
+    cache = model.new_cache(batch_size, 4)
+    model.prefill(torch.full((batch_size, 2), 3, device=device), cache)
+    memory_kv = model.memory_kv_weights()  # built once per engine, not per step: not counted
+    counter = Count()
+    with counter:
+        model.step(torch.full((batch_size,), 3, device=device), cache, memory_kv=memory_kv)
+    heavy = sum(n for op, n in counter.ops.items() if op in HEAVY_OPS or "scaled_dot_product" in op)
+    return {"heavy": heavy, "other": sum(counter.ops.values()) - heavy}
+
+
 def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
                  warmup: int = 1, device: str | None = None, dtype: str = "float32", compile: bool = False,
                  recurrent: bool = False) -> dict:
@@ -70,7 +104,8 @@ def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: 
             "batch_size": batch_size, "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms,
             "prefill_ms": statistics.median(prefill_ms), "model_bytes": nbytes,
             "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": step_ms,
-            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled}
+            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled,
+            "ops_per_step": count_decode_ops(model, batch_size)}
 
 
 def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,

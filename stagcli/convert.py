@@ -20,6 +20,7 @@ from .model import StagConfig, StagForCausalLM  # also registers "stag" with the
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("split", "shared")
 INITS = ("zero", "lagged")
+CROSS_ATTN = ("sequential", "parallel")
 
 
 # --- reading a source checkpoint --------------------------------------------------------------
@@ -112,7 +113,9 @@ def _read(state, spec, prefix=""):
     return torch.cat([state[prefix + n] for n in names])
 
 
-def validate_layout(num_layers: int, sections: int, mode: str, window, init: str):
+def validate_layout(num_layers: int, sections: int, mode: str, window, init: str, cross_attn: str = "sequential"):
+    if cross_attn not in CROSS_ATTN:
+        raise StagError(f"--cross-attn must be one of {', '.join(CROSS_ATTN)}, not '{cross_attn}'")
     if mode not in MODES:
         raise StagError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
     if init not in INITS:
@@ -128,7 +131,7 @@ def validate_layout(num_layers: int, sections: int, mode: str, window, init: str
 
 
 def stag_config_for(hf_config, state, sections=1, mode="split", window=None, init="zero",
-                    recipe=None) -> StagConfig:
+                    cross_attn="sequential", recipe=None) -> StagConfig:
     family = family_of(hf_config)
     fields = dict(family.fixed)
     for name, attr in family.hparams.items():
@@ -136,26 +139,37 @@ def stag_config_for(hf_config, state, sections=1, mode="split", window=None, ini
     prefix0 = family.layer_prefix.format(i=0)
     for flag, weight in family.presence_flags.items():
         fields[flag] = _read(state, family.layer[weight], prefix0) is not None
-    validate_layout(fields["num_layers"], sections, mode, window, init)
+    validate_layout(fields["num_layers"], sections, mode, window, init, cross_attn)
     special = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     return StagConfig(**fields, sections=sections, shared=(mode == "shared" and sections > 1),
-                      window=window, lagged_input=(init == "lagged"), stag_recipe=recipe or {}, **special)
+                      window=window, lagged_input=(init == "lagged"), cross_attn=cross_attn,
+                      stag_recipe=recipe or {}, **special)
 
 
-def convert_model(hf_model, sections=1, mode="split", window=None, init="zero", recipe=None) -> StagForCausalLM:
+def convert_model(hf_model, sections=1, mode="split", window=None, init="zero", cross_attn="sequential",
+                  recipe=None) -> StagForCausalLM:
     """Staggered copy of an in-memory transformers model (fp32). Sections=1 or shared mode with the
     zero-initialised cross-attention reproduce the source logits exactly."""
     state = hf_model.state_dict()
     family = family_of(hf_model.config)
-    cfg = stag_config_for(hf_model.config, state, sections, mode, window, init, recipe)
+    recipe = recipe or {"tool": "stag convert (in memory)", "sections": sections, "mode": mode}
+    cfg = stag_config_for(hf_model.config, state, sections, mode, window, init, cross_attn, recipe)
     with torch.device("meta"):
         model = StagForCausalLM(cfg)
     model = model.to_empty(device="cpu").float()
     ours = model.state_dict()
     filled = set()
 
+    widened = ("qkv.weight", "qkv.bias", "o.weight") if cfg.cross_attn == "parallel" and cfg.cross_sets else ()
+
     def put(name, tensor, index=None):
         target = ours[name] if index is None else ours[name][index]
+        if name.endswith(widened) and tensor.dim() == target.dim() and tensor.shape != target.shape \
+                and all(a <= b for a, b in zip(tensor.shape, target.shape)):
+            # parallel cross-attention widens qkv (rows) and o (columns): the source fills the leading block
+            target = target[tuple(slice(0, n) for n in tensor.shape)]
+        if tensor.numel() != target.numel():
+            raise StagError(f"internal: {name} has shape {tuple(target.shape)}, the source {tuple(tensor.shape)}")
         target.copy_(tensor.reshape(target.shape))
         filled.add(name)
 
@@ -185,34 +199,44 @@ def convert_model(hf_model, sections=1, mode="split", window=None, init="zero", 
 
 
 def _init_cross_attention(model, ours, filled):
-    """[ours] Cross-attention of section s starts as a copy of the same layer's self-attention
-    (query/key/value and norm), with a zero output projection: the converted model computes what
-    the source did (shared mode) and fine-tuning starts from meaningful attention patterns.
-    The memory norm starts as the source's final norm."""
+    """[ours] Section s's cross-attention starts as a copy of the same layer's self-attention
+    (query, key, value, norms), with a zero output projection: the converted model computes what the
+    source did (shared mode) and fine-tuning starts from meaningful attention patterns. The memory
+    norm starts as the source's final norm. Parallel form: the query copy goes into the extra qkv
+    rows and the zero output into the extra o columns (section 1, which has no memory, gets zeros)."""
     cfg = model.config
     if not cfg.cross_sets:
         return
-    q_rows = cfg.num_heads * cfg.head_dim
+    q_rows, hd_all = cfg.num_heads * cfg.head_dim, cfg.num_heads * cfg.head_dim
+    qkv_rows = q_rows + 2 * cfg.num_kv_heads * cfg.head_dim  # the source's q|k|v
+    parallel = cfg.cross_attn == "parallel"
+    owner = lambda c: 0 if cfg.shared else c + 1  # weight set of the section that owns cross set c
     for j in range(cfg.depth):
         p = f"blocks.{j}."
+        get = lambda name: ours.get(p + name)
+        for kind in ("weight", "bias"):
+            qkv = get(f"qkv.{kind}")
+            if qkv is None:
+                continue
+            for c in range(cfg.cross_sets):
+                get(f"cross_kv.{kind}")[c].copy_(qkv[owner(c)][q_rows:qkv_rows])
+                if parallel:
+                    qkv[owner(c)][qkv_rows:].copy_(qkv[owner(c)][:q_rows])
+                else:
+                    get(f"cross_q.{kind}")[c].copy_(qkv[owner(c)][:q_rows])
+            if parallel and not cfg.shared:
+                qkv[0][qkv_rows:].zero_()  # section 1's cross-query rows: never used
         for c in range(cfg.cross_sets):
-            w = 0 if cfg.shared else c + 1  # weight set of the section that owns this cross-attention
-            ours[p + "cross_norm.weight"][c].copy_(ours[p + "attn_norm.weight"][w])
-            ours[p + "cross_q.weight"][c].copy_(ours[p + "qkv.weight"][w][:q_rows])
-            ours[p + "cross_kv.weight"][c].copy_(ours[p + "qkv.weight"][w][q_rows:])
-            for head_norm in ("q_norm", "k_norm"):
-                if p + f"cross_{head_norm}.weight" in ours:
-                    ours[p + f"cross_{head_norm}.weight"][c].copy_(ours[p + f"{head_norm}.weight"][w])
-            for part in ("norm", "q", "kv"):
-                if p + f"cross_{part}.bias" in ours:
-                    source = {"norm": "attn_norm.bias", "q": "qkv.bias", "kv": "qkv.bias"}[part]
-                    bias = ours[p + source][w]
-                    bias = bias if part == "norm" else (bias[:q_rows] if part == "q" else bias[q_rows:])
-                    ours[p + f"cross_{part}.bias"][c].copy_(bias)
+            for norm in ("attn_norm.weight", "attn_norm.bias", "q_norm.weight", "k_norm.weight"):
+                cross_norm = get("cross_" + norm.replace("attn_", ""))  # cross_norm, cross_q_norm, cross_k_norm
+                if cross_norm is not None:
+                    cross_norm[c].copy_(get(norm)[owner(c)])
+        if parallel:
+            get("o.weight")[:, :, hd_all:].zero_()  # the cross heads' output columns
         for name in ours:
+            if name.startswith(p + "cross_o."):
+                ours[name].zero_()
             if name.startswith(p + "cross_"):
-                if name.startswith(p + "cross_o."):
-                    ours[name].zero_()
                 filled.add(name)
     for c in range(cfg.cross_sets):
         ours["mem_norm.weight"][c].copy_(ours["final_norm.weight"][0])
@@ -232,7 +256,8 @@ class ConvertResult:
 
 
 def convert(src: str, out: str, sections: int = 2, mode: str = "split", window: int | None = None,
-            init: str = "zero", dtype: str = "float32", force: bool = False, progress=None) -> ConvertResult:
+            init: str = "zero", cross_attn: str = "sequential", dtype: str = "float32", force: bool = False,
+            progress=None) -> ConvertResult:
     """Read SRC, stagger it, write OUT atomically (a temporary directory renamed at the end)."""
     out_path = Path(out)
     if dtype not in DTYPES:
@@ -243,15 +268,15 @@ def convert(src: str, out: str, sections: int = 2, mode: str = "split", window: 
     family = family_of(hf_config)
     layers_attr = family.hparams["num_layers"]
     num_layers = layers_attr(hf_config) if callable(layers_attr) else getattr(hf_config, layers_attr)
-    validate_layout(num_layers, sections, mode, window, init)  # before the (slow) weight load
+    validate_layout(num_layers, sections, mode, window, init, cross_attn)  # before the (slow) weight load
     report = progress or (lambda msg: None)
     report("loading source weights")
     hf_model, tokenizer = load_hf_model(src)
     recipe = {"tool": "stag convert", "source": str(src), "source_model_type": hf_config.model_type,
               "source_layers": num_layers, "sections": sections, "mode": mode, "window": window,
-              "init": init, "dtype": dtype}
+              "init": init, "cross_attn": cross_attn, "dtype": dtype}
     report("staggering")
-    model = convert_model(hf_model, sections, mode, window, init, recipe).to(DTYPES[dtype])
+    model = convert_model(hf_model, sections, mode, window, init, cross_attn, recipe).to(DTYPES[dtype])
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:

@@ -48,7 +48,7 @@ class SectionRank:
     def __init__(self, model, rank: int, batch: int, max_len: int):
         self.model, self.rank, self.cfg = model, rank, model.config
         device, dtype = model.embed.weight.device, model.embed.weight.dtype
-        from .model import StagCache
+        from .cache import StagCache
         self.cache = StagCache(self.cfg, batch, max_len, device, dtype, sections=1, memories=1 if rank else 0)
         self.memory_kv = model.memory_kv_weights() if rank else None
 

@@ -27,7 +27,7 @@ from .errors import StagError
 
 RECIPE_KEYS = {"name", "description", "source", "data", "heldout", "finetune", "variants", "eval",
                "bench", "scratch", "tiny"}
-VARIANT_KEYS = {"sections", "mode", "window", "init", "distill", "train"}
+VARIANT_KEYS = {"sections", "mode", "window", "init", "cross_attn", "distill", "train", "cross_lr_scale"}
 
 
 def load_experiment(path, tiny: bool = False) -> dict:
@@ -46,8 +46,10 @@ def load_experiment(path, tiny: bool = False) -> dict:
     for name, variant in (recipe.get("variants") or {}).items():
         if set(variant or {}) - VARIANT_KEYS:
             raise StagError(f"recipe {path}: variant {name}: unknown keys {sorted(set(variant) - VARIANT_KEYS)}")
-    if not recipe.get("variants"):
-        raise StagError(f"recipe {path} lists no variants")
+    if not recipe.get("variants") and not recipe.get("scratch"):
+        raise StagError(f"recipe {path} lists no variants and no scratch models")
+    if recipe.get("variants") and not recipe.get("source"):
+        raise StagError(f"recipe {path}: variants need a source model")
     return recipe
 
 
@@ -107,6 +109,11 @@ def _train_config(recipe: dict, extra: Optional[dict] = None):
                                   "heldout": recipe.get("heldout"), **(extra or {})}, where="experiment")
 
 
+def variant_train_options(variant: dict) -> dict:
+    """The fine-tuning options a variant overrides; the rest come from the recipe's `finetune:`."""
+    return {key: variant[key] for key in ("train", "cross_lr_scale") if key in variant}
+
+
 def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, out: Path, report) -> dict:
     from .convert import convert, load_model
     from .train import finetune, last_checkpoint
@@ -115,7 +122,8 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
     if variant.get("sections", 1) > 1 and not (converted / "config.json").is_file():
         report(name, "converting")
         convert(source, str(converted), sections=variant["sections"], mode=variant.get("mode", "split"),
-                window=variant.get("window"), init=variant.get("init", "zero"), force=True)
+                window=variant.get("window"), init=variant.get("init", "zero"),
+                cross_attn=variant.get("cross_attn", "sequential"), force=True)
     model_path = str(converted) if variant.get("sections", 1) > 1 else source
     finetuned = work / "finetuned"
     if not (finetuned / "stag_recipe.json").is_file():
@@ -123,7 +131,7 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
         resume = last_checkpoint(finetuned) is not None
         model, tokenizer = load_model(model_path)
         teacher = load_model(source)[0] if variant.get("distill") else None
-        extra = {"train": variant.get("train", "all")}
+        extra = variant_train_options(variant)
         if teacher is None:
             extra["distill_alpha"] = 0.0
         report(name, ("resuming " if resume else "") + "fine-tuning"
@@ -137,18 +145,42 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
             "curve": _curve(finetuned / "metrics.jsonl")}
 
 
+def _run_config(finetuned) -> dict:
+    """The TrainConfig a fine-tune actually ran with (defaults resolved)."""
+    path = Path(finetuned) / "run.json"
+    return json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
+
+
 def _curve(metrics: Path) -> list[dict]:
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return [{"tokens": r["tokens"], "heldout_loss": r["heldout_loss"]} for r in rows if "heldout_loss" in r]
 
 
-def scratch_runs(recipe: dict, tokenizer_source: str, out: Path, report) -> list[dict]:
+def scratch_tokenizer(spec: dict, recipe: dict, source, out: Path):
+    """The scratch models' tokenizer: `tokenizer: {bpe_vocab: N}` trains a byte-level BPE on the
+    training data (kept in OUT/scratch/tokenizer), a path or alias loads one, and by default the
+    source model's is used."""
+    from transformers import AutoTokenizer
+
+    from .convert import load_model
+    choice = spec.get("tokenizer")
+    if isinstance(choice, dict):
+        saved = out / "scratch" / "tokenizer"
+        if not (saved / "tokenizer.json").is_file():
+            train_bpe_tokenizer(recipe["data"], int(choice["bpe_vocab"])).save_pretrained(saved)
+        return AutoTokenizer.from_pretrained(saved)
+    if choice is None and source is None:
+        raise StagError("scratch: give `tokenizer:` ({bpe_vocab: N} or a path) when the recipe has no source")
+    return load_model(str(choice or source))[1]
+
+
+def scratch_runs(recipe: dict, source, out: Path, report) -> list[dict]:
     """The paper's Table 1 at small scale: L-layer and L/2-layer baselines, 2 x L/2 separate and shared."""
     from .convert import load_model
     from .model import StagConfig, StagForCausalLM
-    from .train import finetune
+    from .train import finetune, last_checkpoint
     spec = recipe["scratch"]
-    _, tokenizer = load_model(tokenizer_source)
+    tokenizer = scratch_tokenizer(spec, recipe, source, out)
     layers = spec["layers"]
     shapes = {f"base-{layers}L": dict(num_layers=layers), f"base-{layers // 2}L": dict(num_layers=layers // 2),
               f"stag-2x{layers // 2}-separate": dict(num_layers=layers, sections=2),
@@ -157,12 +189,14 @@ def scratch_runs(recipe: dict, tokenizer_source: str, out: Path, report) -> list
     for name, shape in shapes.items():
         target = out / "scratch" / name
         if not (target / "stag_recipe.json").is_file():
-            report(name, "training from scratch")
+            resume = last_checkpoint(target) is not None  # an interrupted run continues
+            report(name, ("resuming" if resume else "training") + " from scratch")
             torch.manual_seed(0)
             cfg = StagConfig(vocab_size=len(tokenizer), **spec["model"], **shape,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              stag_recipe={"tool": "stag experiment (from scratch)", **shape})
-            finetune(StagForCausalLM(cfg), tokenizer, _train_config(recipe, spec.get("finetune")), target)
+            train_cfg = _train_config(recipe, {"cross_lr_scale": 1.0, **(spec.get("finetune") or {})})
+            finetune(StagForCausalLM(cfg), tokenizer, train_cfg, target, resume=resume)
             shutil.rmtree(target / "checkpoints", ignore_errors=True)
         curve = _curve(target / "metrics.jsonl")
         params = sum(p.numel() for p in load_model(str(target))[0].parameters())
@@ -193,9 +227,10 @@ def select(recipe: dict, variants: Optional[list[str]] = None, max_tokens: Optio
     """The recipe narrowed to some variants, with another token budget, or without some steps."""
     recipe = dict(recipe)
     if variants:
-        unknown = [v for v in variants if v not in recipe["variants"]]
+        unknown = [v for v in variants if v not in (recipe.get("variants") or {})]
         if unknown:
-            raise StagError(f"no variant {', '.join(unknown)} in the recipe; it has: {', '.join(recipe['variants'])}")
+            raise StagError(f"no variant {', '.join(unknown)} in the recipe; it has: "
+                            f"{', '.join(recipe.get('variants') or {}) or 'none'}")
         recipe["variants"] = {v: recipe["variants"][v] for v in variants}
     if max_tokens is not None:
         if max_tokens <= 0:
@@ -219,15 +254,15 @@ def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
     out, results = Path(out_dir), Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    source = recipe["source"]
+    source = recipe.get("source")
     if isinstance(source, dict):  # tiny: build it here
         source = build_tiny_source(source, recipe, out, report)
 
     entries = [convert_and_finetune(name, v or {}, source, recipe, out, report)
-               for name, v in recipe["variants"].items()]
+               for name, v in (recipe.get("variants") or {}).items()]
 
     evaluation = None
-    if recipe.get("eval"):
+    if recipe.get("eval") and entries:
         from .evaluate import run_eval
         report("eval", "lm-eval on the source and every fine-tuned variant")
         spec = recipe["eval"]
@@ -260,6 +295,8 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
         row = {"variant": e["name"], "sections": e.get("sections", 1),
                "mode": e.get("mode", "split") if converted else "unconverted", "window": e.get("window"),
                "init": e.get("init", "zero") if converted else "", "distill": bool(e.get("distill")),
+               "cross_attn": e.get("cross_attn", "sequential") if converted else "",
+               "cross_lr_scale": _run_config(e["finetuned"]).get("cross_lr_scale") if converted else None,
                "heldout_ppl_before": math.exp(curve[0]["heldout_loss"]),
                "heldout_ppl_after": math.exp(curve[-1]["heldout_loss"]), "tokens": curve[-1]["tokens"]}
         if control_ppl:
@@ -281,14 +318,14 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
     return {"recipe": recipe_path, "tiny": tiny, "source": source, "machine": machine(),
             "seconds": round(seconds, 1), "finetune": recipe.get("finetune"), "variants": rows,
             "curves": {e["name"]: e["curve"] for e in entries}, "tasks": tasks, "task_models": labels,
-            "bench": speeds, "scratch": scratch}
+            "bench": speeds, "scratch": scratch, "scratch_settings": recipe.get("scratch")}
 
 
 def write_results(summary: dict, results: Path):
     results.mkdir(parents=True, exist_ok=True)
     (results / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    _plot({k: v for k, v in summary["curves"].items()}, results / "heldout_loss.png",
-          "Held-out loss while fine-tuning (conversions vs control)")
+    if summary["curves"]:
+        _plot(summary["curves"], results / "heldout_loss.png", "Held-out loss while fine-tuning (conversions vs control)")
     if summary["scratch"]:
         _plot({r["name"]: r["curve"] for r in summary["scratch"]}, results / "scratch_heldout_loss.png",
               "From scratch: held-out loss (paper Table 1 at small scale)")
@@ -318,14 +355,17 @@ def _plot(curves: dict, path: Path, title: str):
 def results_markdown(s: dict) -> str:
     fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)
     lines = [f"# Results: `{s['recipe']}`" + (" (--tiny)" if s["tiny"] else ""), "",
-             f"- machine: {s['machine']}", f"- source: `{s['source']}`", f"- wall time: {s['seconds']} s",
-             f"- fine-tuning (same for every variant): `{json.dumps(s['finetune'])}`", "",
-             "## Conversions, fine-tuned for the same token budget", "",
-             "| variant | sections | mode | window | init | distil | tokens | held-out ppl after convert | "
-             "after fine-tune | vs control | decode ms/token | latency vs control |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"- machine: {s['machine']}", *([f"- source: `{s['source']}`"] if s['source'] else []),
+             f"- wall time: {s['seconds']} s",
+             *([f"- fine-tuning (same for every variant): `{json.dumps(s['finetune'])}`"] if s["variants"] else []), ""]
+    if s["variants"]:
+        lines += ["## Conversions, fine-tuned for the same token budget", "",
+                  "| variant | sections | mode | window | init | cross-attn | cross lr x | distil | tokens | "
+                  "held-out ppl after convert | after fine-tune | vs control | decode ms/token | latency vs control |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["variants"]:
         lines.append(f"| {r['variant']} | {r['sections']} | {r['mode']} | {r['window'] or ''} | {r['init']} | "
+                     f"{r.get('cross_attn', '')} | {fmt(r.get('cross_lr_scale'), 'g')} | "
                      f"{'yes' if r['distill'] else ''} | {r['tokens']:,} | {fmt(r['heldout_ppl_before'])} | "
                      f"{fmt(r['heldout_ppl_after'])} | {fmt(r.get('ppl_vs_control'), '+.1%')} | "
                      f"{fmt(r.get('ms_per_token'))} | {fmt(r.get('latency_vs_control'), '.2f')}x |")
@@ -336,10 +376,14 @@ def results_markdown(s: dict) -> str:
             values = " | ".join(fmt(v, ".4g") for v in row["values"])
             lines.append(f"| {row['task']} | {row['metric']} | {values} |")
     if s["scratch"]:
+        settings = s.get("scratch_settings") or {}
         lines += ["", "## From scratch (the paper's Table 1 at small scale)", "",
+                  f"Model: `{json.dumps(settings.get('model'))}`; training (same for every model): "
+                  f"`{json.dumps({**(s['finetune'] or {}), **(settings.get('finetune') or {})})}`", "",
                   "| model | layers | sections | shared | parameters | held-out ppl |", "|---|---|---|---|---|---|"]
         for r in s["scratch"]:
             lines.append(f"| {r['name']} | {r['num_layers']} | {r.get('sections', 1)} | "
                          f"{'yes' if r.get('shared') else ''} | {r['params']:,} | {r['heldout_ppl']:.2f} |")
-    lines += ["", "Plots: `heldout_loss.png`" + (", `scratch_heldout_loss.png`" if s["scratch"] else ""), ""]
+    plots = (["`heldout_loss.png`"] if s["curves"] else []) + (["`scratch_heldout_loss.png`"] if s["scratch"] else [])
+    lines += ["", "Plots: " + ", ".join(plots), ""]
     return "\n".join(lines)

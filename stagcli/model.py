@@ -22,6 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .cache import StagCache
+
 
 class StagConfig(PretrainedConfig):
     model_type = "stag"
@@ -31,7 +33,8 @@ class StagConfig(PretrainedConfig):
                  rope_theta=10000.0, rope_scaling_params=None, max_positions=512, mlp="gated", activation="silu",
                  qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None,
                  tie_embeddings=True,
-                 sections=1, shared=False, window=None, lagged_input=False, stag_recipe=None, **kwargs):
+                 sections=1, shared=False, window=None, lagged_input=False, cross_attn="sequential",
+                 stag_recipe=None, **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -46,6 +49,7 @@ class StagConfig(PretrainedConfig):
         self.sliding_window = sliding_window  # the source's self-attention window (Mistral 7B v0.1)
         self.tie_embeddings = tie_embeddings
         self.sections, self.shared, self.window, self.lagged_input = sections, shared, window, lagged_input
+        self.cross_attn = cross_attn  # "sequential" (the paper's sublayer) or "parallel" (see Block)
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
         kwargs.setdefault("tie_word_embeddings", False)  # we tie by reusing embed.weight, not HF's tying
         super().__init__(**kwargs)
@@ -72,8 +76,10 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(sets, d_out)) if bias else None
         self.zero_init = zero_init  # cross-attention output starts at zero (the model is unchanged)
 
-    def forward(self, x, sets: slice):  # x [S, ..., d_in]
+    def forward(self, x, sets: slice, in_features: int | None = None):  # x [S, ..., d_in]
         w = self.weight[sets]
+        if in_features is not None and in_features < w.shape[-1]:  # only the leading input columns
+            w = w[..., :in_features]
         b = None if self.bias is None else self.bias[sets]
         if w.shape[0] == 1:  # a single section, or shared weights: one plain GEMM for all rows
             return F.linear(x, w[0], None if b is None else b[0])
@@ -137,6 +143,10 @@ def apply_rope(x, cos, sin):  # x [S, B, H, T, hd]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
+def merge_heads(x):  # [S, B, H, T, hd] -> [S, B, T, H*hd]
+    return x.transpose(2, 3).flatten(3)
+
+
 def attend(q, k, v, mask):
     """q [S,B,H,T,hd], k/v [S,B,Hkv,K,hd], boolean mask [B,1,T,K] -> [S,B,H,T,hd]."""
     S, B, H, T, hd = q.shape
@@ -187,28 +197,38 @@ class Run:
 
 
 class Block(nn.Module):
-    """Depth j of every section: self-attention, cross-attention (sections > 1), MLP."""
+    """Depth j of every section: self-attention, cross-attention (sections > 1), MLP.
+
+    Cross-attention forms (`cross_attn`): "sequential" is the paper's extra sublayer after
+    self-attention, with its own norm, query and output projections. "parallel" [ours] reads the same
+    norm(x) as self-attention: its query rows are part of the qkv GEMM and its output columns part
+    of the o GEMM, so a decode step has no extra GEMM, norm or residual add per layer (the memory K/V
+    of all depths still come from one GEMM per step)."""
 
     def __init__(self, cfg: StagConfig):
         super().__init__()
         d, hd, W, C = cfg.hidden_size, cfg.head_dim, cfg.weight_sets, cfg.cross_sets
         self.heads, self.kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.parallel = bool(C) and cfg.cross_attn == "parallel"
         norm = lambda sets, dim=d: StackedNorm(sets, dim, cfg.norm, cfg.norm_eps)
         head_norm = lambda sets: norm(sets, hd) if cfg.qk_norm else None
         self.attn_norm, self.mlp_norm = norm(W), norm(W)
         self.q_norm, self.k_norm = head_norm(W), head_norm(W)
         self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
+        if self.parallel:  # + the cross-attention's query rows (every weight set, so one bmm serves all)
+            self.qkv_sizes.append(self.heads * hd)
         self.qkv = StackedLinear(W, d, sum(self.qkv_sizes), cfg.qkv_bias)
-        self.o = StackedLinear(W, self.heads * hd, d, cfg.o_bias)
+        self.o = StackedLinear(W, self.heads * hd * (2 if self.parallel else 1), d, cfg.o_bias)
         gated = cfg.mlp == "gated"
         self.up = StackedLinear(W, d, cfg.intermediate_size * (2 if gated else 1), cfg.mlp_bias)
         self.down = StackedLinear(W, cfg.intermediate_size, d, cfg.mlp_bias)
         self.act, self.gated = ACT2FN[cfg.activation], gated
         if C:
-            self.cross_norm = norm(C)
-            self.cross_q = StackedLinear(C, d, self.heads * hd, cfg.qkv_bias)
+            if not self.parallel:
+                self.cross_norm = norm(C)
+                self.cross_q = StackedLinear(C, d, self.heads * hd, cfg.qkv_bias)
+                self.cross_o = StackedLinear(C, self.heads * hd, d, cfg.o_bias, zero_init=True)
             self.cross_kv = StackedLinear(C, d, 2 * self.kv_heads * hd, cfg.qkv_bias)
-            self.cross_o = StackedLinear(C, self.heads * hd, d, cfg.o_bias, zero_init=True)
             self.cross_q_norm, self.cross_k_norm = head_norm(C), head_norm(C)
 
     def split_heads(self, x, n, norm=None, sets=None):  # [S,B,T,n*hd] -> [S,B,n,T,hd]
@@ -220,9 +240,21 @@ class Block(nn.Module):
         k, v = self.split_heads(k, self.kv_heads, self.cross_k_norm, cross), self.split_heads(v, self.kv_heads)
         return (apply_rope(k, *rope) if rope else k), v
 
+    def cross_attend(self, q, run: Run, j: int):
+        """Queries [S_c, B, T, H*hd] of the rows with cross-attention -> their merged outputs, zero
+        where a query has no memory yet. Memory K/V: new ones from run.memory, older ones cached."""
+        q = self.split_heads(q, self.heads, self.cross_q_norm, run.cross)
+        q = apply_rope(q, *run.rope) if run.rope else q
+        k = v = None
+        if run.memory is not None:
+            k, v = self.memory_kv(run.memory, run.cross, run.rope)
+        if run.cache is not None:
+            k, v = run.cache.update_memory(j, run.cross_rows, run.slots, k, v)
+        return merge_heads(attend(q, k, v, run.cross_mask) * run.has_memory)
+
     def forward(self, x, run: Run, j: int):  # x [S, B, T, d]
-        merge = lambda t: t.transpose(2, 3).flatten(3)
-        q, k, v = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
+        c = run.first_cross
+        q, k, v, *q_cross = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
         q = self.split_heads(q, self.heads, self.q_norm, run.weights)
         k = self.split_heads(k, self.kv_heads, self.k_norm, run.weights)
         v = self.split_heads(v, self.kv_heads)
@@ -230,20 +262,17 @@ class Block(nn.Module):
             q, k = apply_rope(q, *run.rope), apply_rope(k, *run.rope)
         if run.cache is not None:
             k, v = run.cache.update_self(j, run.sections, run.slots, k, v)
-        x = x + self.o(merge(attend(q, k, v, run.self_mask)), run.weights)
-        if run.first_cross is not None:
-            c = run.first_cross
+        heads = merge_heads(attend(q, k, v, run.self_mask))
+        if self.parallel and c is not None:  # rows below c have no memory: zero cross-attention heads
+            cross = self.cross_attend(q_cross[0][c:], run, j)
+            heads = torch.cat([heads, torch.cat([cross.new_zeros(c, *cross.shape[1:]), cross]) if c else cross], -1)
+            x = x + self.o(heads, run.weights)
+        else:  # parallel with no memory anywhere (section 1, pass 1): the self-attention columns of o only
+            x = x + self.o(heads, run.weights, in_features=heads.shape[-1])
+        if not self.parallel and c is not None:
             xc = x[c:]
-            q = self.cross_q(self.cross_norm(xc, run.cross), run.cross)
-            q = self.split_heads(q, self.heads, self.cross_q_norm, run.cross)
-            q = apply_rope(q, *run.rope) if run.rope else q
-            k = v = None
-            if run.memory is not None:
-                k, v = self.memory_kv(run.memory, run.cross, run.rope)
-            if run.cache is not None:
-                k, v = run.cache.update_memory(j, run.cross_rows, run.slots, k, v)
-            out = attend(q, k, v, run.cross_mask) * run.has_memory
-            xc = xc + self.cross_o(merge(out), run.cross)
+            xc = xc + self.cross_o(self.cross_attend(self.cross_q(self.cross_norm(xc, run.cross), run.cross), run, j),
+                                   run.cross)
             x = torch.cat([x[:c], xc]) if c else xc
         h = self.up(self.mlp_norm(x, run.weights), run.weights)
         if self.gated:
@@ -252,83 +281,6 @@ class Block(nn.Module):
         else:
             h = self.act(h)
         return x + self.down(h, run.weights)
-
-class StagCache:
-    """Static caches for decoding: self-attention K/V per (depth, section), cross-attention
-    memory K/V per (depth, cross section), and the bookkeeping for padding and lagged inputs.
-
-    Every tensor is allocated once and only ever updated in place, and a decode step reads its
-    slot from the device tensor `slot`, so a step can be captured in a CUDA graph and replayed.
-    The python int `length` mirrors `slot` for host-side bounds checks (outside the step).
-    `sections`/`memories` override how many self/memory rows are held (one rank of a
-    multi-process decode holds only its own section's)."""
-
-    def __init__(self, cfg: StagConfig, batch: int, max_len: int, device=None, dtype=torch.float32,
-                 sections: int | None = None, memories: int | None = None):
-        kv = lambda n: torch.zeros(cfg.depth, n, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
-                                   device=device, dtype=dtype)
-        sections = cfg.sections if sections is None else sections
-        memories = cfg.sections - 1 if memories is None else memories
-        self.self_k, self.self_v = kv(sections), kv(sections)
-        self.mem_k, self.mem_v = kv(memories), kv(memories)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)       # next free slot (device copy)
-        self.last_out = torch.zeros(cfg.sections, batch, cfg.hidden_size, device=device, dtype=dtype)
-        self.last_emb = torch.zeros(batch, cfg.hidden_size, device=device, dtype=dtype)
-        self.length, self.max_len, self.batch = 0, max_len, batch
-
-    def reset(self):
-        """Empty the cache in place (tensor addresses stay valid for a captured CUDA graph).
-        Stale K/V need no clearing: key_valid masks them."""
-        self.key_valid.zero_()
-        self.count.zero_()
-        self.slot.zero_()
-        self.last_out.zero_()
-        self.last_emb.zero_()
-        self.length = 0
-
-    def update_self(self, j, rows: slice, slots, k, v):
-        self.self_k[j, rows].index_copy_(3, slots, k)
-        self.self_v[j, rows].index_copy_(3, slots, v)
-        return self.self_k[j, rows], self.self_v[j, rows]
-
-    def update_memory(self, j, rows: slice, slots, k, v):
-        if k is not None:
-            self.mem_k[j, rows].index_copy_(3, slots, k)
-            self.mem_v[j, rows].index_copy_(3, slots, v)
-        return self.mem_k[j, rows], self.mem_v[j, rows]
-
-    def claim(self, tokens: int):
-        """Host side: check there is room for `tokens` more slots and count them."""
-        if self.length + tokens > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} tokens; {self.length + tokens} requested")
-        self.length += tokens
-
-    def reserve(self, valid):
-        """Claim slots for new tokens [B, T]; returns (slots, positions, key_valid, prev_valid)."""
-        T = valid.shape[1]
-        start = self.length
-        self.claim(T)
-        slots = torch.arange(start, start + T, device=valid.device)
-        prev_valid = self.key_valid[:, start - 1] if start else torch.zeros_like(valid[:, 0])
-        self.key_valid[:, slots] = valid
-        positions = self.count[:, None] + valid.long().cumsum(1) - 1
-        self.count += valid.sum(1)
-        self.slot += T
-        return slots, positions.clamp(min=0), self.key_valid, prev_valid
-
-    def reserve_one(self):
-        """Device-only twin of reserve() for one real token per row (a decode step): reads no
-        python state, so it can run inside a CUDA graph. The caller does claim(1) on the host."""
-        slot = self.slot.clone()
-        prev = self.key_valid.gather(1, (slot - 1).clamp(min=0).expand(self.batch, 1))[:, 0]
-        prev_valid = prev & (slot > 0)
-        self.key_valid.index_fill_(1, slot, True)
-        positions = self.count[:, None].clone()
-        self.count += 1
-        self.slot += 1
-        return slot, positions, self.key_valid, prev_valid
 
 
 class StagForCausalLM(PreTrainedModel):
@@ -359,6 +311,21 @@ class StagForCausalLM(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.Embedding, nn.Linear)):
             nn.init.normal_(module.weight, std=0.02)
+
+    def added_weights(self) -> list[tuple[str, nn.Parameter, tuple | None]]:
+        """What staggering adds to the source decoder (cross-attention, memory norm), as (name,
+        parameter, index): index None for a whole parameter, else the part of a parameter the
+        parallel form shares with the source's weights (cross-query rows of qkv, cross-head columns
+        of o). Fine-tuning uses it for --train cross and --cross-lr-scale."""
+        added = [(n, p, None) for n, p in self.named_parameters() if n.startswith("mem_norm.") or ".cross_" in n]
+        if self.config.cross_sets and self.config.cross_attn == "parallel":
+            for j, block in enumerate(self.blocks):
+                rows, columns = sum(block.qkv_sizes[:3]), block.heads * self.config.head_dim
+                added.append((f"blocks.{j}.qkv.weight", block.qkv.weight, (slice(None), slice(rows, None))))
+                if block.qkv.bias is not None:
+                    added.append((f"blocks.{j}.qkv.bias", block.qkv.bias, (slice(None), slice(rows, None))))
+                added.append((f"blocks.{j}.o.weight", block.o.weight, (slice(None), slice(None), slice(columns, None))))
+        return added
 
     def get_input_embeddings(self):
         return self.embed

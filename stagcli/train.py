@@ -34,11 +34,13 @@ from .data import HELDOUT_FRACTION, PackedData, build_data
 from .errors import StagError
 
 TRAIN_CHOICES = ("all", "cross")
+SHARED_CROSS_LR_SCALE = 0.1  # measured on SmolLM2 (docs/finetune.md): 1 wrecks the start, 0.1 does not
 PRECISIONS = ("auto", "bf16", "fp32")
-CROSS_MARKERS = ("cross_", "mem_norm")  # parameter names of the added cross-attention
 DEFAULT_SEQ_LEN = 512
 NO_CROSS = ("--train cross: this model has no cross-attention (a plain, unconverted model or one section); "
             "use --train all")
+FUSED_CROSS = ("--train cross: this model's cross-attention (--cross-attn parallel) shares its qkv and o weights "
+               "with self-attention; use --train all, with --cross-lr-scale to slow the added parts")
 
 
 @dataclass
@@ -58,6 +60,7 @@ class TrainConfig:
     max_tokens: Optional[int] = None          # token budget; with max_steps, the smaller wins
     epochs: float = 1.0                       # used only when neither budget is given
     train: str = "all"                        # all | cross (only cross-attention + memory norm)
+    cross_lr_scale: Optional[float] = None    # lr multiplier of what staggering added; None: see validate()
     gradient_checkpointing: bool = False
     distill_from: Optional[str] = None        # teacher path/alias (recorded; finetune() takes the model)
     distill_alpha: float = 0.5                # loss = (1-a) LM + a T^2 KL(teacher || student)
@@ -130,10 +133,18 @@ def validate(cfg: TrainConfig, model) -> TrainConfig:
             raise StagError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.epochs <= 0:
         raise StagError("--lr and --epochs must be > 0")
+    if cfg.cross_lr_scale is None:
+        cfg = dataclasses.replace(cfg, cross_lr_scale=default_cross_lr_scale(model, cfg.train))
+    if cfg.cross_lr_scale < 0:
+        raise StagError(f"--cross-lr-scale must be >= 0, not {cfg.cross_lr_scale}")
     if cfg.train not in TRAIN_CHOICES:
         raise StagError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, not '{cfg.train}'")
-    if cfg.train == "cross" and not any(m in n for n, _ in model.named_parameters() for m in CROSS_MARKERS):
-        raise StagError(NO_CROSS)
+    if cfg.train == "cross":
+        added = added_weights(model)
+        if not added:
+            raise StagError(NO_CROSS)
+        if any(index is not None for _, _, index in added):
+            raise StagError(FUSED_CROSS)
     if cfg.precision not in PRECISIONS:
         raise StagError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
     if not 0 <= cfg.distill_alpha <= 1 or cfg.distill_temperature <= 0:
@@ -141,11 +152,28 @@ def validate(cfg: TrainConfig, model) -> TrainConfig:
     return cfg
 
 
+def default_cross_lr_scale(model, train: str) -> float:
+    """0.1 for a shared-weights model converted from a pretrained checkpoint and trained whole: it
+    starts at the source's quality, which a full-lr start of its zero-output cross-attention wrecks
+    (docs/finetune.md). 1 otherwise: split conversions start broken, from-scratch models are random,
+    and with --train cross the added weights are all that trains."""
+    cfg = model.config
+    converted = str((getattr(cfg, "stag_recipe", None) or {}).get("tool", "")).startswith("stag convert")
+    return SHARED_CROSS_LR_SCALE if getattr(cfg, "shared", False) and converted and train == "all" else 1.0
+
+
+def added_weights(model) -> list:
+    """(name, parameter, index) of what staggering added (see StagForCausalLM.added_weights); none
+    for a plain transformers model."""
+    found = getattr(model, "added_weights", None)
+    return found() if found is not None else []
+
+
 def trainable_parameters(model, which: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze what is not trained; return the (name, parameter) pairs that are."""
     named = list(model.named_parameters())
     if which == "cross":
-        chosen = [(n, p) for n, p in named if any(m in n for m in CROSS_MARKERS)]
+        chosen = [(n, p) for n, p, index in added_weights(model) if index is None]
         if not chosen:
             raise StagError(NO_CROSS)
     else:
@@ -154,6 +182,41 @@ def trainable_parameters(model, which: str) -> list[tuple[str, torch.nn.Paramete
     for _, p in named:
         p.requires_grad_(id(p) in keep)
     return chosen
+
+
+def parameter_groups(trained, model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: no weight decay on norms and biases; the weights staggering added (cross-attention,
+    memory norm) at lr x cross_lr_scale. Why a scale: the cross-attention output starts at zero, and
+    Adam's first updates move every element of it by ~lr at once, a jolt to a converted model that
+    otherwise starts at the source's quality (docs/finetune.md)."""
+    whole = {name for name, _, index in added_weights(model) if index is None} if cfg.cross_lr_scale != 1 else set()
+    groups: dict[tuple, list] = {}  # at scale 1: the same two groups as before the option existed
+    for name, p in trained:
+        no_decay = "norm" in name or name.endswith("bias")
+        groups.setdefault((no_decay, name in whole), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+             "lr": cfg.lr * (cfg.cross_lr_scale if added else 1.0)}
+            for (no_decay, added), params in sorted(groups.items())]
+
+
+class PartLrScale:
+    """lr x scale for PARTS of parameters (the parallel form's cross-attention rows of qkv and columns
+    of o), which optimizer groups cannot express: after each step those parts are pulled back towards
+    their values before it, so they move `scale` times as far as AdamW moved them."""
+
+    def __init__(self, model, trained, scale: float):
+        trained_ids = {id(p) for _, p in trained}
+        self.scale = scale
+        self.parts = [] if scale == 1 else [(p, index) for _, p, index in added_weights(model)
+                                            if index is not None and id(p) in trained_ids]
+        self.before: list[torch.Tensor] = []
+
+    def save(self):
+        self.before = [p.detach()[index].clone() for p, index in self.parts]
+
+    def apply(self):
+        for (p, index), old in zip(self.parts, self.before):
+            p.detach()[index].lerp_(old, 1 - self.scale)
 
 
 # --- the data stream ------------------------------------------------------------------------------
@@ -301,7 +364,9 @@ def finetune(model, tokenizer, cfg: TrainConfig, out_dir, teacher=None, resume: 
         resume_from = last_checkpoint(out)
         if resume_from is None:
             raise StagError(f"--resume: {out} holds no checkpoint (checkpoints/step-*) to resume from")
-        saved = TrainConfig.from_dict(json.loads((resume_from / "trainer_state.json").read_text())["config"])
+        saved_options = json.loads((resume_from / "trainer_state.json").read_text())["config"]
+        saved_options.setdefault("cross_lr_scale", 1.0)  # runs from before the option trained at lr x 1
+        saved = TrainConfig.from_dict(saved_options)
         changed = [f.name for f in dataclasses.fields(cfg)
                    if f.name not in BOOKKEEPING and getattr(cfg, f.name) != getattr(saved, f.name)]
         if changed:
@@ -339,10 +404,8 @@ def finetune(model, tokenizer, cfg: TrainConfig, out_dir, teacher=None, resume: 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total_steps)
 
     trained = trainable_parameters(model, cfg.train)
-    no_decay = [p for n, p in trained if "norm" in n or n.endswith("bias")]  # norms and biases: no decay
-    decay = [p for n, p in trained if not ("norm" in n or n.endswith("bias"))]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(trained, model, cfg), lr=cfg.lr)
+    part_lr = PartLrScale(model, trained, cfg.cross_lr_scale)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total_steps,
                                                             min_lr_rate=cfg.min_lr_ratio)
     model.gradient_checkpointing = cfg.gradient_checkpointing
@@ -424,7 +487,9 @@ def finetune(model, tokenizer, cfg: TrainConfig, out_dir, teacher=None, resume: 
             kept = (f"the last good checkpoint is {last_saved} (continue with --resume)" if last_saved
                     else "no checkpoint had been saved yet")
             raise StagError(f"loss became NaN/inf at step {step}: training stopped; {kept}")
+        part_lr.save()
         optimizer.step()
+        part_lr.apply()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += tokens_per_step
@@ -492,7 +557,7 @@ def saved_run_options(out_dir) -> dict:
 
 
 RECIPE_KEYS = {"name", "description", "model", "convert", "finetune"}
-CONVERT_KEYS = {"source", "sections", "mode", "window", "init", "dtype", "out"}
+CONVERT_KEYS = {"source", "sections", "mode", "window", "init", "cross_attn", "dtype", "out"}
 
 
 def load_recipe(path) -> dict:

@@ -58,6 +58,8 @@ def test_bench_writes_json_with_all_systems(tiny_pair, tmp_path):
     for row in data["rows"]:
         assert row["ms_per_token"] > 0 and row["tokens_per_s"] > 0 and row["bandwidth_GBps"] > 0
         assert len(row["runs_ms_per_token"]) == 2
+        if row["name"] != "baseline (HF static generate)":
+            assert row["ops_per_step"]["heavy"] > 0 and row["ops_per_step"]["other"] > 0
     assert data["machine"] and data["baseline"] == str(src)
     assert "stag bench" in result.output and "staggered" in result.output
 
@@ -66,3 +68,18 @@ def test_bench_bad_batch_sizes(tiny_pair):
     _, model = tiny_pair
     result = runner.invoke(app, ["bench", str(model), "--batch-sizes", "one"])
     assert result.exit_code == 2 and "--batch-sizes" in result.output
+
+
+def test_decode_op_counts_rank_the_forms():
+    """One decode step's GEMM + attention count: the parallel form needs fewer than the paper's
+    sequential sublayer, and a 2-section split fewer than the unconverted model (half the depth)."""
+    from conftest import tiny_hf_model
+    from stagcli.bench import count_decode_ops
+    from stagcli.convert import convert_model
+    hf = tiny_hf_model("llama", layers=4)
+    heavy = {name: count_decode_ops(convert_model(hf, **kw))["heavy"] for name, kw in {
+        "base": dict(sections=1), "split2": dict(sections=2),
+        "split2-parallel": dict(sections=2, cross_attn="parallel"), "shared2": dict(sections=2, mode="shared"),
+        "shared2-parallel": dict(sections=2, mode="shared", cross_attn="parallel")}.items()}
+    assert heavy["split2-parallel"] < heavy["split2"] < heavy["base"]
+    assert heavy["base"] < heavy["shared2-parallel"] < heavy["shared2"]

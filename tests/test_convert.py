@@ -20,7 +20,8 @@ ROUND_TRIP_FAMILIES = ["llama", "llama-bias", "llama3-rope", "linear-rope", "qwe
 
 @pytest.mark.parametrize("family", ROUND_TRIP_FAMILIES)
 @pytest.mark.parametrize("layout", [dict(sections=1), dict(sections=2, mode="shared"),
-                                    dict(sections=3, mode="shared", window=2)])
+                                    dict(sections=3, mode="shared", window=2),
+                                    dict(sections=2, mode="shared", cross_attn="parallel")])
 def test_reproduces_transformers_logits(family, layout):
     hf = tiny_hf_model(family)
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
@@ -62,6 +63,19 @@ def test_cli_shared_conversion_keeps_logits_after_save(hf_checkpoint, tmp_path):
     out = tmp_path / "shared"
     assert runner.invoke(app, ["convert", str(src), str(out), "--mode", "shared"]).exit_code == 0
     model, _ = load_model(str(out))
+    ids = torch.randint(0, VOCAB, (2, 10))
+    assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_cli_parallel_cross_attention(hf_checkpoint, tmp_path):
+    """--cross-attn parallel widens qkv and o instead of adding a sublayer; shared, it keeps the logits."""
+    src, hf = hf_checkpoint("qwen3")
+    out = tmp_path / "par"
+    result = runner.invoke(app, ["convert", str(src), str(out), "--mode", "shared", "--cross-attn", "parallel"])
+    assert result.exit_code == 0, result.output
+    assert "parallel" in result.output
+    model, _ = load_model(str(out))
+    assert model.config.cross_attn == "parallel" and not hasattr(model.blocks[0], "cross_q")
     ids = torch.randint(0, VOCAB, (2, 10))
     assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
 
@@ -138,6 +152,7 @@ def test_error_out_exists_without_force(hf_checkpoint, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--mode", "both"], "--mode"), (["--init", "lagged", "--mode", "shared"], "--init lagged"),
     (["--window", "0"], "--window"), (["--dtype", "int3"], "--dtype"), (["--sections", "0"], "--sections"),
+    (["--cross-attn", "joint"], "--cross-attn must be one of"),
 ])
 def test_error_bad_options(hf_checkpoint, tmp_path, args, fragment):
     src, _ = hf_checkpoint("llama")
@@ -154,7 +169,7 @@ def test_exit_code_in_a_real_process(tmp_path):
 
 def test_help_explains_every_option():
     result = runner.invoke(app, ["convert", "--help"])
-    for option in ("--sections", "--mode", "--window", "--init", "--dtype", "--force"):
+    for option in ("--sections", "--mode", "--window", "--init", "--cross-attn", "--dtype", "--force"):
         assert option in result.output
 
 
@@ -169,9 +184,10 @@ def test_real_smollm2_conversion(tmp_path):
     ids = tokenizer("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = hf(ids).logits
-        shared = convert_model(hf, sections=2, mode="shared")
-        assert (shared(ids).logits - ref).abs().max().item() < 1e-4
-        del shared
+        for cross_attn in ("sequential", "parallel"):
+            shared = convert_model(hf, sections=2, mode="shared", cross_attn=cross_attn)
+            assert (shared(ids).logits - ref).abs().max().item() < 1e-4
+            del shared
         split = convert_model(hf, sections=2)
         logits = split(ids).logits
     assert torch.isfinite(logits).all() and logits.shape == ref.shape

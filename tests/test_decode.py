@@ -69,6 +69,7 @@ def test_eos_stops_rows_and_pads():
 @pytest.mark.parametrize("variant, sampling", [
     ("split2-lagged", {}),                                            # greedy, left-padded rows
     ("shared2", dict(temperature=1.0, top_k=20, top_p=0.95, seed=3)),  # seeded sampling
+    ("split2-parallel", {}),                                          # widened qkv / o, narrowed per rank
 ])
 def test_one_rank_per_section_equals_single_process(variant, sampling):
     """torch.distributed with gloo on CPU: section r in process r, sections running concurrently."""
@@ -99,11 +100,12 @@ def test_recurrent_greedy_equals_uncached_reference():
     assert torch.equal(generate(model, prompt, max_new_tokens=8, recurrent=True), ids[:, prompt.shape[1]:])
 
 
-def test_decode_step_traces_as_one_graph():
+@pytest.mark.parametrize("variant", ["split2-lagged", "shared2-parallel"])
+def test_decode_step_traces_as_one_graph(variant):
     """What torch.compile and CUDA-graph capture need on the GPU: the step is one graph with no
     graph breaks (no host syncs, no data-dependent python). Checked with dynamo on CPU."""
     from stagcli.decode import DecodeEngine
-    model = staggered("llama", "split2-lagged")
+    model = staggered("llama", variant)
     engine = DecodeEngine(model, 2, 16)
     engine.prefill(torch.randint(0, VOCAB, (2, 5)))
     engine.cache.claim(1)

@@ -31,21 +31,51 @@ def test_tiny_pipeline_runs_end_to_end(tiny_run):
     tmp_path = tiny_run[1].parent
     summary = json.loads((tmp_path / "results" / "results.json").read_text())
     names = [row["variant"] for row in summary["variants"]]
-    assert names == ["control", "split2-zero", "split2-lagged", "shared2", "shared2-w16"]
+    assert names == ["control", "split2-zero", "split2-lagged", "shared2", "shared2-w16", "shared2-parallel"]
     rows = {row["variant"]: row for row in summary["variants"]}
     budget = rows["control"]["tokens"]
     assert all(row["tokens"] == budget for row in rows.values())  # the same token budget for all
     # shared conversion starts exactly where the source is; a split one starts worse
-    assert rows["shared2"]["heldout_ppl_before"] == pytest.approx(rows["control"]["heldout_ppl_before"], rel=1e-4)
+    for shared in ("shared2", "shared2-parallel"):
+        assert rows[shared]["heldout_ppl_before"] == pytest.approx(rows["control"]["heldout_ppl_before"], rel=1e-4)
+        assert rows[shared]["cross_lr_scale"] == 0.1  # the default for shared weights, as run
+    assert rows["shared2-parallel"]["cross_attn"] == "parallel" and rows["split2-zero"]["cross_lr_scale"] == 1.0
     assert rows["split2-zero"]["heldout_ppl_before"] > rows["control"]["heldout_ppl_before"]
     # fine-tuning helps the split model (it has the most to recover)
     assert rows["split2-zero"]["heldout_ppl_after"] < rows["split2-zero"]["heldout_ppl_before"]
     assert all(row["ms_per_token"] > 0 for row in rows.values())
     assert {r["name"] for r in summary["scratch"]} == {"base-4L", "base-2L", "stag-2x2-separate", "stag-2x2-shared"}
-    assert summary["tasks"] and all(len(t["values"]) == 6 for t in summary["tasks"])
+    assert summary["tasks"] and all(len(t["values"]) == 7 for t in summary["tasks"])
     markdown = (tmp_path / "results" / "results.md").read_text()
     assert "split2-lagged" in markdown and "From scratch" in markdown
     assert (tmp_path / "results" / "heldout_loss.png").stat().st_size > 1000
+
+
+@needs_bible
+def test_scratch_only_recipe_with_its_own_tokenizer(tmp_path):
+    """A recipe with only `scratch:` (no source, no conversions) trains a BPE tokenizer on the data and
+    the paper's four from-scratch models."""
+    recipe = tmp_path / "scratch.yaml"
+    recipe.write_text("data: [kjv:train]\nheldout: [kjv:heldout]\nscratch:\n  layers: 2\n"
+                      "  tokenizer: {bpe_vocab: 300}\n"
+                      "  model: {hidden_size: 32, num_heads: 2, intermediate_size: 64, max_positions: 64}\n"
+                      "  finetune: {seq_len: 32, batch_size: 4, max_tokens: 256, eval_every: 1, eval_sequences: 4}\n")
+    result = runner.invoke(app, ["experiment", str(recipe), "--out", str(tmp_path / "w"),
+                                 "--results", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert not summary["variants"] and len(summary["scratch"]) == 4
+    assert all(r["curve"][-1]["tokens"] == 256 for r in summary["scratch"])
+    assert (tmp_path / "w" / "scratch" / "tokenizer" / "tokenizer.json").is_file()
+    assert not (tmp_path / "r" / "heldout_loss.png").exists()  # no conversions, no conversion plot
+
+
+def test_variant_options_override_the_recipe_only_where_given():
+    from stagcli.experiment import _train_config, variant_train_options
+    recipe = {"data": ["kjv:train"], "finetune": {"cross_lr_scale": 0.5, "train": "cross"}}
+    assert _train_config(recipe, variant_train_options({"sections": 2})).cross_lr_scale == 0.5
+    assert _train_config(recipe, variant_train_options({"sections": 2})).train == "cross"
+    assert _train_config(recipe, variant_train_options({"cross_lr_scale": 1.0})).cross_lr_scale == 1.0
 
 
 def test_experiment_bad_recipe(tmp_path):
@@ -54,6 +84,9 @@ def test_experiment_bad_recipe(tmp_path):
     result = runner.invoke(app, ["experiment", str(bad), "--out", str(tmp_path / "w")])
     assert result.exit_code == 2 and "colour" in result.output
     assert runner.invoke(app, ["experiment", str(tmp_path / "none.yaml")]).exit_code == 2
+    bad.write_text("variants: {a: {sections: 2}}\n")
+    result = runner.invoke(app, ["experiment", str(bad), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "need a source" in result.output
 
 
 @needs_bible

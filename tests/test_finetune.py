@@ -144,6 +144,76 @@ def test_train_cross_only_changes_cross_attention(tmp_path, corpus):
     assert any("cross_o" in k for k in changed)
 
 
+@pytest.mark.parametrize("cross_attn", ["sequential", "parallel"])
+def test_cross_lr_scale_scales_exactly_the_added_weights(tmp_path, corpus, cross_attn):
+    """One step at --cross-lr-scale 0.25 moves every added weight (whole cross-attention parameters via
+    an optimizer group; the parallel form's rows of qkv and columns of o via PartLrScale) exactly a
+    quarter as far as at scale 1, and every other weight exactly as far."""
+    moved = {}
+    for scale in (1.0, 0.25):
+        model = convert_model(tiny_hf_model("llama"), sections=2, mode="shared", cross_attn=cross_attn)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        finetune(model, tiny_tokenizer(), small(data=[str(corpus)], max_steps=1, warmup_steps=0,
+                                                cross_lr_scale=scale), tmp_path / f"out-{scale}")
+        moved[scale] = {k: v - before[k] for k, v in model.state_dict().items()}
+    added = torch.zeros_like  # masks of the added elements, per parameter
+    masks = {k: added(v, dtype=torch.bool) for k, v in moved[1.0].items()}
+    for name, _, index in convert_model(tiny_hf_model("llama"), sections=2, mode="shared",
+                                        cross_attn=cross_attn).added_weights():
+        masks[name][index if index is not None else ...] = True
+    assert any(m.any() for k, m in masks.items() if ("qkv" in k or ".o." in k)) == (cross_attn == "parallel")
+    for k, mask in masks.items():
+        full, quarter = moved[1.0][k], moved[0.25][k]
+        assert torch.allclose(quarter[mask], 0.25 * full[mask], atol=1e-7), k
+        assert torch.allclose(quarter[~mask], full[~mask], atol=1e-7), k
+    assert moved[1.0]["blocks.0.o.weight" if cross_attn == "parallel" else "blocks.0.cross_o.weight"].abs().max() > 0
+
+
+def test_cross_lr_scale_default_protects_shared_models(tmp_path, corpus):
+    """Unset, the scale is 0.1 for shared weights (which start at the source's quality) and 1 otherwise;
+    run.json records the value used."""
+    for mode, expected in (("shared", 0.1), ("split", 1.0)):
+        model = convert_model(tiny_hf_model("llama"), sections=2, mode=mode)
+        finetune(model, tiny_tokenizer(), small(data=[str(corpus)], max_steps=1), tmp_path / mode)
+        assert json.loads((tmp_path / mode / "run.json").read_text())["config"]["cross_lr_scale"] == expected
+    from stagcli.model import StagConfig
+    from stagcli.train import validate
+    scratch = StagForCausalLM(StagConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2,
+                                         intermediate_size=32, sections=2, shared=True))
+    assert validate(TrainConfig(), scratch).cross_lr_scale == 1.0  # random weights: nothing to protect
+    shared = convert_model(tiny_hf_model("llama"), sections=2, mode="shared")
+    assert validate(TrainConfig(train="cross"), shared).cross_lr_scale == 1.0  # only the added weights train
+
+
+def test_runs_from_before_cross_lr_scale_still_resume(tmp_path, corpus, models):
+    """A checkpoint whose saved options lack cross_lr_scale (made before the option existed, which
+    trained everything at lr x 1 in two AdamW groups) resumes."""
+    _, split_dir = models
+    cfg = small(data=[str(corpus)], max_steps=4, save_every=2)
+    def stop_after_2(event, info):
+        if event == "checkpoint" and info["step"] == 2:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        finetune_paths(str(split_dir), tmp_path / "old", cfg, report=stop_after_2)
+    state_path = tmp_path / "old" / "checkpoints" / "step-00000002" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["cross_lr_scale"]
+    state_path.write_text(json.dumps(state))
+    summary = finetune_paths(str(split_dir), tmp_path / "old", cfg, resume=True)
+    assert summary["steps"] == 4
+
+
+
+def test_train_cross_refuses_the_parallel_form(tmp_path, corpus, hf_checkpoint):
+    src, _ = hf_checkpoint("llama")
+    tiny_tokenizer(src)
+    convert(str(src), str(tmp_path / "par"), sections=2, mode="shared", cross_attn="parallel")
+    result = runner.invoke(app, ["finetune", str(tmp_path / "par"), str(tmp_path / "out"), "-d", str(corpus),
+                                 "--train", "cross"])
+    assert result.exit_code == 2 and "--cross-attn parallel" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_plain_model_is_the_control(tmp_path, corpus, models):
     hf_dir, _ = models
     result = runner.invoke(app, ["finetune", str(hf_dir), str(tmp_path / "out"), "-d", str(corpus),
@@ -178,6 +248,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
     (["--data", "{corpus}", "--seq-len", "4096"], "longer than the model supports (config.max_positions = 128)"),
     (["--data", "{corpus}", "--resume"], "holds no checkpoint"),
     (["--data", "{corpus}", "--train", "some"], "--train must be one of"),
+    (["--data", "{corpus}", "--cross-lr-scale", "-1"], "--cross-lr-scale must be >= 0"),
 ])
 def test_cli_errors(tmp_path, corpus, models, args, message):
     (tmp_path / "empty.txt").write_text("")

@@ -16,6 +16,9 @@ VARIANTS = {
     "shared2": dict(sections=2, mode="shared"),
     "shared2-window2": dict(sections=2, mode="shared", window=2),
     "shared3": dict(sections=3, mode="shared"),
+    "split2-parallel": dict(sections=2, cross_attn="parallel"),
+    "split4-parallel-window2": dict(sections=4, cross_attn="parallel", window=2),
+    "shared2-parallel": dict(sections=2, mode="shared", cross_attn="parallel"),
 }
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral-window", "gpt2"]
 
@@ -29,6 +32,10 @@ def staggered(family, variant, seed=0):
         for name, p in model.named_parameters():
             if "cross_o" in name or "mem_norm" in name or "cross_k_norm" in name or "cross_q_norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
+        if model.config.cross_attn == "parallel":  # o's columns for the cross heads start at zero too
+            for block in model.blocks:
+                cross_columns = block.o.weight[:, :, block.heads * model.config.head_dim:]
+                cross_columns.add_(torch.randn_like(cross_columns) * 0.2)
     return model
 
 
@@ -55,7 +62,7 @@ def test_forward_equals_cached_decode(family, variant):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("variant", ["split2", "split4-window3", "shared3"])
+@pytest.mark.parametrize("variant", ["split2", "split4-window3", "shared3", "split4-parallel-window2"])
 def test_fused_memory_kv_equals_per_depth(family, variant):
     """The decode engine's one-GEMM memory K/V (with Qwen3's per-depth key norms) = the plain path."""
     model = staggered(family, variant)
@@ -102,12 +109,13 @@ def test_split_model_differs_from_source_until_trained():
     assert (convert_model(hf, sections=2)(ids).logits - hf(ids).logits).abs().max() > 1e-2
 
 
-def test_recurrent_decode_matches_uncached_reference():
+@pytest.mark.parametrize("variant", ["shared2", "shared2-parallel"])
+def test_recurrent_decode_matches_uncached_reference(variant):
     """Recurrent approximation (shared p=2): generated positions skip pass 1, and pass 2 reads its
     OWN earlier outputs as memory. Reference without caches: memory slot k holds pass 1's output
     for prompt positions and pass 2's output for generated ones; recompute the prefix each step."""
     hf = tiny_hf_model("llama")
-    model = staggered("llama", "shared2")
+    model = staggered("llama", variant)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
     prompt_len = 4
     dec = decode_logits(model, ids, prompt_len, recurrent=True)

@@ -31,7 +31,8 @@ def bench(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write all measurements as JSON here."),
 ):
     """Decode latency per token and tokens/s: staggered model vs the same engine on the unconverted
-    model vs Hugging Face static-cache generate."""
+    model vs Hugging Face static-cache generate. ops/step counts the aten ops of one eager decode step
+    (GEMMs + attention calls / the rest): what bounds small models on a GPU."""
     from ..bench import run_bench
     from ..errors import StagError
     try:
@@ -43,11 +44,14 @@ def bench(
                            compile, hf, progress=status.update)
     table = Table(title=f"stag bench: {result['machine']}, {dtype}, prompt {prompt_len}, {new_tokens} new tokens, "
                         f"median of {repeats}")
-    for col in ("system", "batch", "ms/token", "tokens/s", "GB/s", "staggered is faster by"):
+    for col in ("system", "batch", "ms/token", "tokens/s", "GB/s", "ops/step (GEMM+attn / other)",
+                "staggered is faster by"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for r in result["rows"]:
+        ops = r.get("ops_per_step")
         table.add_row(r["name"], str(r["batch_size"]), f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['bandwidth_GBps']:.2f}", "" if r["name"] == "staggered" else f"{r['speedup_of_staggered']:.2f}x")
+                      f"{r['bandwidth_GBps']:.2f}", f"{ops['heavy']} / {ops['other']}" if ops else "",
+                      "" if r["name"] == "staggered" else f"{r['speedup_of_staggered']:.2f}x")
     console.print(table)
     if not result["baseline"]:
         err_console.print("no baseline: pass --baseline SRC to compare with the unconverted model")

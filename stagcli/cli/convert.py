@@ -28,6 +28,10 @@ def convert(
                              "zero-output cross-attention (the paper's form). lagged: section k>1 also gets "
                              "u(i-1) - E(x(i-1)) from the section below, approximating the missing "
                              "lower layers (split mode only)."),
+    cross_attn: str = typer.Option("sequential", help="Where cross-attention sits in a layer. sequential: "
+                                   "the paper's extra sublayer after self-attention (own norm, query and output "
+                                   "projections). parallel: it reads the same norm(x) as self-attention, its query "
+                                   "joins the qkv GEMM and its output the o GEMM (fewer kernels per decode step)."),
     dtype: str = typer.Option("float32", help="Weight dtype of the output: float32, bfloat16 or float16."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
 ):
@@ -36,7 +40,7 @@ def convert(
 
     with err_console.status("converting") as status:
         result = run_convert(src, out, sections=sections, mode=mode, window=window, init=init,
-                             dtype=dtype, force=force, progress=lambda msg: status.update(msg))
+                             cross_attn=cross_attn, dtype=dtype, force=force, progress=lambda msg: status.update(msg))
     cfg = result.config
     table = Table(title=f"stag convert -> {result.out}", show_header=False)
     table.add_row("source", f"{src} ({cfg.stag_recipe.get('source_model_type')}, {cfg.num_layers} layers)")
@@ -44,6 +48,8 @@ def convert(
     per = f"{cfg.depth} layers x {cfg.sections}" + (" passes (shared weights)" if cfg.shared else " sections")
     table.add_row("layers per section", per)
     table.add_row("init", init)
+    if cfg.cross_sets:
+        table.add_row("cross-attention", cross_attn)
     table.add_row("parameters", f"{result.stag_params:,} ({result.stag_params - result.source_params:+,} added)")
     table.add_row("weights written", f"{result.bytes_written / 2**20:.1f} MiB ({dtype})")
     console.print(table)

@@ -52,7 +52,14 @@ def finetune(
     epochs: Optional[float] = typer.Option(None, help="Passes over the data when neither --max-steps nor "
                                            "--max-tokens is given [default: 1]."),
     train: Optional[str] = typer.Option(None, help="all: train every weight. cross: train only the added "
-                                        "cross-attention (cross_* and mem_norm) [default: all]."),
+                                        "cross-attention (cross_* and mem_norm; not for --cross-attn parallel "
+                                        "models) [default: all]."),
+    cross_lr_scale: Optional[float] = typer.Option(None, help="Learning-rate multiplier for the weights "
+                                                   "staggering added (cross-attention, memory norm). Below 1 it "
+                                                   "keeps Adam's first steps on the zero-initialised cross-attention "
+                                                   "output from jolting a model that starts at the source's "
+                                                   "quality (shared mode); 0 freezes them [default: 0.1 for "
+                                                   "shared-weights models, 1 otherwise]."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                                           help="Recompute activations per block in the backward "
                                                           "pass: less memory, ~30% slower [default: off]."),
@@ -80,7 +87,7 @@ def finetune(
         data=data, heldout=heldout, heldout_fraction=heldout_fraction, seq_len=seq_len, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, min_lr_ratio=min_lr_ratio, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, max_steps=max_steps, max_tokens=max_tokens,
-        epochs=epochs, train=train, gradient_checkpointing=gradient_checkpointing, distill_from=distill_from,
+        epochs=epochs, train=train, cross_lr_scale=cross_lr_scale, gradient_checkpointing=gradient_checkpointing, distill_from=distill_from,
         distill_alpha=distill_alpha, distill_temperature=distill_temperature, save_every=save_every,
         keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_sequences=eval_sequences,
         precision=precision, seed=seed).items() if v not in (None, [])}

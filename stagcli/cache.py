@@ -1,0 +1,84 @@
+"""Static caches for decoding (gpt-fast style: allocated once, updated in place).
+
+Self-attention K/V per (depth, section), cross-attention memory K/V per (depth, section boundary),
+and the per-row bookkeeping for left padding and lagged inputs. A decode step reads its slot from a
+device tensor, so it can be captured in a CUDA graph and replayed.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class StagCache:
+    """Every tensor is allocated once and only ever updated in place, and a decode step reads its
+    slot from the device tensor `slot`, so a step can be captured in a CUDA graph and replayed.
+    The python int `length` mirrors `slot` for host-side bounds checks (outside the step).
+    `sections`/`memories` override how many self/memory rows are held (one rank of a
+    multi-process decode holds only its own section's)."""
+
+    def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32,
+                 sections: int | None = None, memories: int | None = None):
+        kv = lambda n: torch.zeros(cfg.depth, n, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
+                                   device=device, dtype=dtype)
+        sections = cfg.sections if sections is None else sections
+        memories = cfg.sections - 1 if memories is None else memories
+        self.self_k, self.self_v = kv(sections), kv(sections)
+        self.mem_k, self.mem_v = kv(memories), kv(memories)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)       # next free slot (device copy)
+        self.last_out = torch.zeros(cfg.sections, batch, cfg.hidden_size, device=device, dtype=dtype)
+        self.last_emb = torch.zeros(batch, cfg.hidden_size, device=device, dtype=dtype)
+        self.length, self.max_len, self.batch = 0, max_len, batch
+
+    def reset(self):
+        """Empty the cache in place (tensor addresses stay valid for a captured CUDA graph).
+        Stale K/V need no clearing: key_valid masks them."""
+        self.key_valid.zero_()
+        self.count.zero_()
+        self.slot.zero_()
+        self.last_out.zero_()
+        self.last_emb.zero_()
+        self.length = 0
+
+    def update_self(self, j, rows: slice, slots, k, v):
+        self.self_k[j, rows].index_copy_(3, slots, k)
+        self.self_v[j, rows].index_copy_(3, slots, v)
+        return self.self_k[j, rows], self.self_v[j, rows]
+
+    def update_memory(self, j, rows: slice, slots, k, v):
+        if k is not None:
+            self.mem_k[j, rows].index_copy_(3, slots, k)
+            self.mem_v[j, rows].index_copy_(3, slots, v)
+        return self.mem_k[j, rows], self.mem_v[j, rows]
+
+    def claim(self, tokens: int):
+        """Host side: check there is room for `tokens` more slots and count them."""
+        if self.length + tokens > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} tokens; {self.length + tokens} requested")
+        self.length += tokens
+
+    def reserve(self, valid):
+        """Claim slots for new tokens [B, T]; returns (slots, positions, key_valid, prev_valid)."""
+        T = valid.shape[1]
+        start = self.length
+        self.claim(T)
+        slots = torch.arange(start, start + T, device=valid.device)
+        prev_valid = self.key_valid[:, start - 1] if start else torch.zeros_like(valid[:, 0])
+        self.key_valid[:, slots] = valid
+        positions = self.count[:, None] + valid.long().cumsum(1) - 1
+        self.count += valid.sum(1)
+        self.slot += T
+        return slots, positions.clamp(min=0), self.key_valid, prev_valid
+
+    def reserve_one(self):
+        """Device-only twin of reserve() for one real token per row (a decode step): reads no
+        python state, so it can run inside a CUDA graph. The caller does claim(1) on the host."""
+        slot = self.slot.clone()
+        prev = self.key_valid.gather(1, (slot - 1).clamp(min=0).expand(self.batch, 1))[:, 0]
+        prev_valid = prev & (slot > 0)
+        self.key_valid.index_fill_(1, slot, True)
+        positions = self.count[:, None].clone()
+        self.count += 1
+        self.slot += 1
+        return slot, positions, self.key_valid, prev_valid
