@@ -18,12 +18,23 @@ class StagCache:
 
     def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32,
                  sections: int | None = None, memories: int | None = None):
-        kv = lambda n: torch.zeros(cfg.depth, n, batch, cfg.num_kv_heads, max_len, cfg.head_dim,
-                                   device=device, dtype=dtype)
+        kv = lambda n, heads=cfg.num_kv_heads: torch.zeros(cfg.depth, n, batch, heads, max_len, cfg.head_dim,
+                                                           device=device, dtype=dtype)
         sections = cfg.sections if sections is None else sections
         memories = cfg.sections - 1 if memories is None else memories
-        self.self_k, self.self_v = kv(sections), kv(sections)
-        self.mem_k, self.mem_v = kv(memories), kv(memories)
+        self.joint_k = self.joint_v = None
+        if getattr(cfg, "cross_attn", "sequential") == "parallel" and memories:
+            # Parallel form: each section row's self K/V and its memory K/V side by side on the head
+            # axis of one tensor, so a decode step attends over both in ONE call without a copy.
+            # The first `sections - memories` rows have no memory; their memory half stays unused.
+            h = cfg.num_kv_heads
+            self.joint_k, self.joint_v = kv(sections, 2 * h), kv(sections, 2 * h)
+            first = sections - memories
+            self.self_k, self.self_v = self.joint_k[:, :, :, :h], self.joint_v[:, :, :, :h]
+            self.mem_k, self.mem_v = self.joint_k[:, first:, :, h:], self.joint_v[:, first:, :, h:]
+        else:
+            self.self_k, self.self_v = kv(sections), kv(sections)
+            self.mem_k, self.mem_v = kv(memories), kv(memories)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
         self.slot = torch.zeros(1, dtype=torch.long, device=device)       # next free slot (device copy)
@@ -45,6 +56,10 @@ class StagCache:
         self.self_k[j, rows].index_copy_(3, slots, k)
         self.self_v[j, rows].index_copy_(3, slots, v)
         return self.self_k[j, rows], self.self_v[j, rows]
+
+    def joint(self, j, rows: slice):
+        """Self K/V then memory K/V on the head axis, for section rows `rows` (parallel form only)."""
+        return self.joint_k[j, rows], self.joint_v[j, rows]
 
     def update_memory(self, j, rows: slice, slots, k, v):
         if k is not None:

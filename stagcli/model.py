@@ -148,15 +148,18 @@ def merge_heads(x):  # [S, B, H, T, hd] -> [S, B, T, H*hd]
 
 
 def attend(q, k, v, mask):
-    """q [S,B,H,T,hd], k/v [S,B,Hkv,K,hd], boolean mask [B,1,T,K] -> [S,B,H,T,hd]."""
+    """q [S,B,H,T,hd], k/v [S,B,Hkv,K,hd], boolean mask [B,G,T,K] -> [S,B,H,T,hd]. G = 1: one mask
+    for all heads; G = 2: the first half of the K/V heads (and their query heads) use mask[:, 0],
+    the second half mask[:, 1] (the parallel form's self and cross heads in one call)."""
     S, B, H, T, hd = q.shape
     Hkv, K = k.shape[2], k.shape[3]
-    group = H // Hkv
+    group, G = H // Hkv, mask.shape[1]
     # Grouped-query attention without copying K/V: the `group` query heads that share a K/V head
     # become `group * T` query rows of that head (head h reads K/V head h // group, as in Llama).
     q = q.reshape(S * B, Hkv, group * T, hd)
-    mask = mask[:, :, None].expand(B, 1, group, T, K).reshape(B, 1, group * T, K)
-    mask = mask.expand(S, *mask.shape).reshape(S * B, 1, group * T, K)
+    heads = 1 if G == 1 else Hkv  # a mask per K/V head only when the heads' masks differ
+    mask = mask[:, :, None, None].expand(B, G, heads // G, group, T, K).reshape(B, heads, group * T, K)
+    mask = mask.expand(S, *mask.shape).reshape(S * B, heads, group * T, K)
     flat = lambda t: t.reshape(S * B, *t.shape[2:])
     return F.scaled_dot_product_attention(q, flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
 
@@ -194,6 +197,9 @@ class Run:
     cache: "StagCache | None" = None
     slots: torch.Tensor | None = None
     memory: torch.Tensor | None = None  # normalised memory states for the new slots [C, B, T, d]
+    # parallel form, decode: self + cross heads in one attention call over cache.joint()
+    joint_mask: torch.Tensor | None = None  # [B, 2, T, K]: self mask, cross mask
+    head_scale: torch.Tensor | None = None  # [S, B, 2, 1, T, 1]: 1 for self heads; has_memory (0 below first_cross) for cross
 
 
 class Block(nn.Module):
@@ -252,6 +258,23 @@ class Block(nn.Module):
             k, v = run.cache.update_memory(j, run.cross_rows, run.slots, k, v)
         return merge_heads(attend(q, k, v, run.cross_mask) * run.has_memory)
 
+    def joint_attend(self, q, q_cross, run: Run, j: int):
+        """Decode step of the parallel form: the self heads (q, already in the cache's self half) and
+        the cross heads (q_cross, every row) in ONE attention call over cache.joint(); rows without
+        memory get zero cross heads (run.head_scale). Returns [S, B, 2H, 1, hd]."""
+        c = run.first_cross
+        q_cross = self.split_heads(q_cross, self.heads)
+        if self.cross_q_norm is not None:  # rows below c have no cross set: left as they are, zeroed below
+            normed = self.cross_q_norm(q_cross[c:], run.cross)
+            q_cross = torch.cat([q_cross[:c], normed]) if c else normed
+        q_cross = apply_rope(q_cross, *run.rope) if run.rope else q_cross
+        if run.memory is not None:
+            run.cache.update_memory(j, run.cross_rows, run.slots, *self.memory_kv(run.memory, run.cross, run.rope))
+        k, v = run.cache.joint(j, run.sections)
+        out = attend(torch.cat([q, q_cross], 2), k, v, run.joint_mask)
+        S, B, H2, T, hd = out.shape
+        return (out.view(S, B, 2, H2 // 2, T, hd) * run.head_scale).view(S, B, H2, T, hd)
+
     def forward(self, x, run: Run, j: int):  # x [S, B, T, d]
         c = run.first_cross
         q, k, v, *q_cross = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
@@ -262,12 +285,15 @@ class Block(nn.Module):
             q, k = apply_rope(q, *run.rope), apply_rope(k, *run.rope)
         if run.cache is not None:
             k, v = run.cache.update_self(j, run.sections, run.slots, k, v)
-        heads = merge_heads(attend(q, k, v, run.self_mask))
-        if self.parallel and c is not None:  # rows below c have no memory: zero cross-attention heads
+        if run.joint_mask is not None:  # parallel form, decode: self and cross heads in one call
+            x = x + self.o(merge_heads(self.joint_attend(q, q_cross[0], run, j)), run.weights)
+        elif self.parallel and c is not None:  # rows below c have no memory: zero cross-attention heads
+            heads = merge_heads(attend(q, k, v, run.self_mask))
             cross = self.cross_attend(q_cross[0][c:], run, j)
             heads = torch.cat([heads, torch.cat([cross.new_zeros(c, *cross.shape[1:]), cross]) if c else cross], -1)
             x = x + self.o(heads, run.weights)
-        else:  # parallel with no memory anywhere (section 1, pass 1): the self-attention columns of o only
+        else:  # no cross heads here (sequential form, or no memory anywhere): o's self-attention columns
+            heads = merge_heads(attend(q, k, v, run.self_mask))
             x = x + self.o(heads, run.weights, in_features=heads.shape[-1])
         if not self.parallel and c is not None:
             xc = x[c:]
@@ -342,11 +368,19 @@ class StagForCausalLM(PreTrainedModel):
         if cfg.positions == "rope":
             rope = rope_tables(positions, rope_inv_freq(cfg, positions.device), self.embed.weight.dtype)
         masks = attention_masks(key_valid, q_slots, cfg.window, cfg.sliding_window)
+        first_cross = c0 - s0 if s1 > c0 else None
+        joint_mask = head_scale = None
+        if cache is not None and cache.joint_k is not None and first_cross is not None and q_slots.numel() == 1:
+            joint_mask = torch.cat([masks[0], masks[1]], 1)
+            has_memory = masks[2][:, 0, :, 0].to(self.embed.weight.dtype)  # [B, T]
+            cross_scale = torch.stack([has_memory * (row >= first_cross) for row in range(s1 - s0)])
+            head_scale = torch.stack([torch.ones_like(cross_scale), cross_scale], 2)[:, :, :, None, :, None]
         return Run(weights=slice(0, 1) if cfg.shared else sections,
                    cross=slice(0, 1) if cfg.shared else slice(c0 - 1, s1 - 1),
-                   cross_rows=slice(c0 - 1, s1 - 1), first_cross=c0 - s0 if s1 > c0 else None,
+                   cross_rows=slice(c0 - 1, s1 - 1), first_cross=first_cross,
                    sections=sections, rope=rope, self_mask=masks[0], cross_mask=masks[1],
-                   has_memory=masks[2], cache=cache, slots=q_slots, memory=memory)
+                   has_memory=masks[2], cache=cache, slots=q_slots, memory=memory,
+                   joint_mask=joint_mask, head_scale=head_scale)
 
     def _cross_set(self, section: int) -> slice:
         return slice(0, 1) if self.config.shared else slice(section - 1, section)
