@@ -109,6 +109,16 @@ def _train_config(recipe: dict, extra: Optional[dict] = None):
                                   "heldout": recipe.get("heldout"), **(extra or {})}, where="experiment")
 
 
+def _resume_or_restart(run_dir: Path) -> bool:
+    """An interrupted run (killed, out of time) continues from its last checkpoint; one killed before
+    its first checkpoint starts over (its directory belongs to the experiment, so clearing it is safe)."""
+    from .train import last_checkpoint
+    if last_checkpoint(run_dir) is not None:
+        return True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return False
+
+
 def variant_train_options(variant: dict) -> dict:
     """The fine-tuning options a variant overrides; the rest come from the recipe's `finetune:`."""
     return {key: variant[key] for key in ("train", "cross_lr_scale") if key in variant}
@@ -116,7 +126,7 @@ def variant_train_options(variant: dict) -> dict:
 
 def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, out: Path, report) -> dict:
     from .convert import convert, load_model
-    from .train import finetune, last_checkpoint
+    from .train import finetune
     work = out / "variants" / name
     converted = work / "converted"
     if variant.get("sections", 1) > 1 and not (converted / "config.json").is_file():
@@ -127,8 +137,7 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
     model_path = str(converted) if variant.get("sections", 1) > 1 else source
     finetuned = work / "finetuned"
     if not (finetuned / "stag_recipe.json").is_file():
-        # an interrupted run (killed, out of time) continues from its last checkpoint
-        resume = last_checkpoint(finetuned) is not None
+        resume = _resume_or_restart(finetuned)
         model, tokenizer = load_model(model_path)
         teacher = load_model(source)[0] if variant.get("distill") else None
         extra = variant_train_options(variant)
@@ -178,7 +187,7 @@ def scratch_runs(recipe: dict, source, out: Path, report) -> list[dict]:
     """The paper's Table 1 at small scale: L-layer and L/2-layer baselines, 2 x L/2 separate and shared."""
     from .convert import load_model
     from .model import StagConfig, StagForCausalLM
-    from .train import finetune, last_checkpoint
+    from .train import finetune
     spec = recipe["scratch"]
     tokenizer = scratch_tokenizer(spec, recipe, source, out)
     layers = spec["layers"]
@@ -189,7 +198,7 @@ def scratch_runs(recipe: dict, source, out: Path, report) -> list[dict]:
     for name, shape in shapes.items():
         target = out / "scratch" / name
         if not (target / "stag_recipe.json").is_file():
-            resume = last_checkpoint(target) is not None  # an interrupted run continues
+            resume = _resume_or_restart(target)
             report(name, ("resuming" if resume else "training") + " from scratch")
             torch.manual_seed(0)
             cfg = StagConfig(vocab_size=len(tokenizer), **spec["model"], **shape,

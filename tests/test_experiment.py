@@ -90,9 +90,11 @@ def test_experiment_bad_recipe(tmp_path):
 
 
 @needs_bible
-def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed_after_save", [True, False], ids=["after-checkpoint", "before-any-checkpoint"])
+def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, monkeypatch, killed_after_save):
     """A run killed mid fine-tune (out of time on a lent GPU, preempted) continues from its last
-    checkpoint when the same command is run again, and ends with the full budget, each step once."""
+    checkpoint when the same command is run again, or starts over when it died before its first one;
+    either way it ends with the full budget, each step logged once."""
     import shutil
 
     import yaml
@@ -106,6 +108,8 @@ def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, monkeypatch):
     real_save = train._save_checkpoint
 
     def save_then_die(accelerator, out, step, *args):
+        if not killed_after_save:
+            raise KeyboardInterrupt("simulated kill before the first checkpoint")
         path = real_save(accelerator, out, step, *args)
         if step == 4:
             raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
