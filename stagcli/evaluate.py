@@ -228,12 +228,18 @@ class EvalReport:
 
 
 def model_labels(paths: list[str]) -> list[str]:
-    """Short unique column names: the last path component, numbered when names repeat."""
-    base = [Path(p.rstrip("/")).name or p for p in paths]
+    """Short unique column names: the last path component, with as many parent directories as it
+    takes to tell repeated names apart (runs/a/finetuned vs runs/b/finetuned -> a/finetuned,
+    b/finetuned); the same path given twice is numbered."""
+    parts = [Path(p.rstrip("/")).parts or (p,) for p in paths]
     labels = []
-    for i, b in enumerate(base):
-        labels.append(b if base.count(b) == 1 else f"{b}#{base[:i + 1].count(b)}")
-    return labels
+    for mine in parts:
+        depth = 1
+        while depth < len(mine) and sum(other[-depth:] == mine[-depth:] for other in parts) > 1:
+            depth += 1
+        labels.append("/".join(mine[-depth:]))
+    return [label if labels.count(label) == 1 else f"{label}#{labels[:i + 1].count(label)}"
+            for i, label in enumerate(labels)]
 
 
 def _number(value):

@@ -186,3 +186,11 @@ def test_smollm2_perplexity_equals_lm_eval_hf():
                              task_manager=resolve_tasks(["kjv_ppl"]), limit=1)
     ours, theirs = metrics(ours, "kjv_ppl"), metrics(theirs, "kjv_ppl")
     assert ours["word_perplexity"] == pytest.approx(theirs["word_perplexity"], rel=1e-4)
+
+
+def test_model_labels_tell_repeated_directory_names_apart():
+    from stagcli.evaluate import model_labels
+    assert model_labels(["smollm2-135m", "runs/control/finetuned", "runs/split2/finetuned"]) == \
+        ["smollm2-135m", "control/finetuned", "split2/finetuned"]
+    assert model_labels(["a/one/m", "b/one/m", "m2/"]) == ["a/one/m", "b/one/m", "m2"]
+    assert model_labels(["out/m", "out/m"]) == ["out/m#1", "out/m#2"]
