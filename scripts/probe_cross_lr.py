@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from stagcli.convert import convert_model, load_hf_model  # noqa: E402
+from stagcli.layout import Layout  # noqa: E402
 from stagcli.train import TrainConfig, finetune  # noqa: E402
 
 parser = argparse.ArgumentParser()
@@ -26,7 +27,7 @@ parser.add_argument("--out", default="runs/cross-lr-probe")
 args = parser.parse_args()
 
 hf, tokenizer = load_hf_model("smollm2-135m")
-model = convert_model(hf) if args.control else convert_model(hf, sections=2, mode="shared")
+model = convert_model(hf) if args.control else convert_model(hf, Layout(sections=2, mode="shared"))
 cfg = TrainConfig.from_dict(dict(data=["kjv:train"], heldout=["kjv:heldout"], seq_len=256, batch_size=4,
                                  grad_accum=2, lr=2e-4, max_steps=6, eval_every=2, eval_sequences=16,
                                  save_every=1000, cross_lr_scale=args.scale, warmup_steps=args.warmup))

@@ -1,32 +1,48 @@
 """Static caches for decoding (gpt-fast style: allocated once, updated in place).
 
-Self-attention K/V per (depth, section), cross-attention memory K/V per (depth, section boundary),
-and the per-row bookkeeping for left padding and lagged inputs. A decode step reads its slot from a
-device tensor, so it can be captured in a CUDA graph and replayed.
+Self-attention K/V per (depth, section held), cross-attention memory K/V per (depth, section held
+that has a section below), and the per-row bookkeeping for left padding and section inputs.
+A decode step reads its slot from a device tensor, so it can be captured in a CUDA graph and replayed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass
+class Place:
+    """Where new tokens go: cache slots ([T], the same for every row), positions [B, T], which key
+    slots are valid [B, K], whether the position before the first new one exists [B], and RoPE."""
+    slots: torch.Tensor
+    positions: torch.Tensor
+    key_valid: torch.Tensor
+    prev_valid: torch.Tensor
+    length: int              # positions are < length (sizes the RoPE table)
+    valid: torch.Tensor | None = None  # [B, T] real (not padding) tokens, prefill only
+    rope: tuple | None = None          # (cos, sin) once computed for these positions
 
 
 class StagCache:
     """Every tensor is allocated once and only ever updated in place, and a decode step reads its
     slot from the device tensor `slot`, so a step can be captured in a CUDA graph and replayed.
     The python int `length` mirrors `slot` for host-side bounds checks (outside the step).
-    `sections`/`memories` override how many self/memory rows are held (one rank of a
-    multi-process decode holds only its own section's)."""
+    `sections`: how many sections' self K/V are held; `memories`: how many of those have memory
+    (one rank of a multi-process decode holds only its own section's). `joint`: the parallel
+    form's layout (see cross_attention.Parallel)."""
 
     def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32,
-                 sections: int | None = None, memories: int | None = None):
+                 sections: int | None = None, memories: int | None = None, joint: bool = False):
         kv = lambda n, heads=cfg.num_kv_heads: torch.zeros(cfg.depth, n, batch, heads, max_len, cfg.head_dim,
                                                            device=device, dtype=dtype)
         sections = cfg.sections if sections is None else sections
         memories = cfg.sections - 1 if memories is None else memories
         self.joint_k = self.joint_v = None
-        if getattr(cfg, "cross_attn", "sequential") == "parallel" and memories:
-            # Parallel form: each section row's self K/V and its memory K/V side by side on the head
-            # axis of one tensor, so a decode step attends over both in ONE call without a copy.
-            # The first `sections - memories` rows have no memory; their memory half stays unused.
+        if joint and memories:
+            # Each section row's self K/V and its memory K/V side by side on the head axis of one
+            # tensor, so a decode step attends over both in ONE call without a copy. The first
+            # `sections - memories` rows have no memory; their memory half stays unused.
             h = cfg.num_kv_heads
             self.joint_k, self.joint_v = kv(sections, 2 * h), kv(sections, 2 * h)
             first = sections - memories
@@ -45,12 +61,13 @@ class StagCache:
     def reset(self):
         """Empty the cache in place (tensor addresses stay valid for a captured CUDA graph).
         Stale K/V need no clearing: key_valid masks them."""
-        self.key_valid.zero_()
-        self.count.zero_()
-        self.slot.zero_()
-        self.last_out.zero_()
-        self.last_emb.zero_()
+        for t in self.mutable():
+            t.zero_()
         self.length = 0
+
+    def mutable(self):
+        """What a step writes besides K/V slots beyond the current length (which stay masked)."""
+        return [self.key_valid, self.count, self.slot, self.last_out, self.last_emb]
 
     def update_self(self, j, rows: slice, slots, k, v):
         self.self_k[j, rows].index_copy_(3, slots, k)
@@ -58,7 +75,7 @@ class StagCache:
         return self.self_k[j, rows], self.self_v[j, rows]
 
     def joint(self, j, rows: slice):
-        """Self K/V then memory K/V on the head axis, for section rows `rows` (parallel form only)."""
+        """Self K/V then memory K/V on the head axis, for section rows `rows` (joint layout only)."""
         return self.joint_k[j, rows], self.joint_v[j, rows]
 
     def update_memory(self, j, rows: slice, slots, k, v):
@@ -73,8 +90,8 @@ class StagCache:
             raise ValueError(f"cache holds {self.max_len} tokens; {self.length + tokens} requested")
         self.length += tokens
 
-    def reserve(self, valid):
-        """Claim slots for new tokens [B, T]; returns (slots, positions, key_valid, prev_valid)."""
+    def reserve(self, valid) -> Place:
+        """Claim slots for new tokens [B, T] (left padded: False = padding)."""
         T = valid.shape[1]
         start = self.length
         self.claim(T)
@@ -84,9 +101,9 @@ class StagCache:
         positions = self.count[:, None] + valid.long().cumsum(1) - 1
         self.count += valid.sum(1)
         self.slot += T
-        return slots, positions.clamp(min=0), self.key_valid, prev_valid
+        return Place(slots, positions.clamp(min=0), self.key_valid, prev_valid, self.max_len, valid)
 
-    def reserve_one(self):
+    def reserve_one(self) -> Place:
         """Device-only twin of reserve() for one real token per row (a decode step): reads no
         python state, so it can run inside a CUDA graph. The caller does claim(1) on the host."""
         slot = self.slot.clone()
@@ -96,4 +113,4 @@ class StagCache:
         positions = self.count[:, None].clone()
         self.count += 1
         self.slot += 1
-        return slot, positions, self.key_valid, prev_valid
+        return Place(slot, positions, self.key_valid, prev_valid, self.max_len)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -15,12 +13,11 @@ import torch
 from .assets import resolve_alias
 from .errors import StagError
 from .families import Cat, Family, T, family_for, supported_model_types
+from .files import new_dir, write_json
+from .layout import Layout
 from .model import StagConfig, StagForCausalLM  # also registers "stag" with the Auto classes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODES = ("split", "shared")
-INITS = ("zero", "lagged")
-CROSS_ATTN = ("sequential", "parallel")
 
 
 # --- reading a source checkpoint --------------------------------------------------------------
@@ -113,60 +110,45 @@ def _read(state, spec, prefix=""):
     return torch.cat([state[prefix + n] for n in names])
 
 
-def validate_layout(num_layers: int, sections: int, mode: str, window, init: str, cross_attn: str = "sequential"):
-    if cross_attn not in CROSS_ATTN:
-        raise StagError(f"--cross-attn must be one of {', '.join(CROSS_ATTN)}, not '{cross_attn}'")
-    if mode not in MODES:
-        raise StagError(f"--mode must be one of {', '.join(MODES)}, not '{mode}'")
-    if init not in INITS:
-        raise StagError(f"--init must be one of {', '.join(INITS)}, not '{init}'")
-    if sections < 1:
-        raise StagError(f"--sections must be >= 1, not {sections}")
-    if mode == "split" and num_layers % sections:
-        raise StagError(f"--sections {sections} does not divide the model's {num_layers} layers")
-    if window is not None and window < 1:
-        raise StagError(f"--window must be >= 1, not {window}")
-    if init == "lagged" and (mode != "split" or sections < 2):
-        raise StagError("--init lagged applies to --mode split with --sections >= 2")
+def _hparam(family: Family, hf_config, name: str):
+    attr = family.hparams[name]
+    return attr(hf_config) if callable(attr) else getattr(hf_config, attr)
 
 
-def stag_config_for(hf_config, state, sections=1, mode="split", window=None, init="zero",
-                    cross_attn="sequential", recipe=None) -> StagConfig:
+def stag_config_for(hf_config, state, layout: Layout, recipe=None) -> StagConfig:
     family = family_of(hf_config)
     fields = dict(family.fixed)
-    for name, attr in family.hparams.items():
-        fields[name] = attr(hf_config) if callable(attr) else getattr(hf_config, attr)
+    for name in family.hparams:
+        fields[name] = _hparam(family, hf_config, name)
     prefix0 = family.layer_prefix.format(i=0)
     for flag, weight in family.presence_flags.items():
         fields[flag] = _read(state, family.layer[weight], prefix0) is not None
-    validate_layout(fields["num_layers"], sections, mode, window, init, cross_attn)
+    layout.validate(fields["num_layers"])
     special = {k: getattr(hf_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return StagConfig(**fields, sections=sections, shared=(mode == "shared" and sections > 1),
-                      window=window, lagged_input=(init == "lagged"), cross_attn=cross_attn,
-                      stag_recipe=recipe or {}, **special)
+    return StagConfig(**fields, **layout.config_fields(), stag_recipe=recipe or {}, **special)
 
 
-def convert_model(hf_model, sections=1, mode="split", window=None, init="zero", cross_attn="sequential",
-                  recipe=None) -> StagForCausalLM:
-    """Staggered copy of an in-memory transformers model (fp32). Sections=1 or shared mode with the
-    zero-initialised cross-attention reproduce the source logits exactly."""
+def convert_model(hf_model, layout: Layout | None = None, recipe=None) -> StagForCausalLM:
+    """Staggered copy of an in-memory transformers model (fp32); default: one section, which is
+    numerically the source. A shared layout with its zero-output cross-attention reproduces the
+    source logits exactly too."""
+    layout = layout or Layout(sections=1)
     state = hf_model.state_dict()
     family = family_of(hf_model.config)
-    recipe = recipe or {"tool": "stag convert (in memory)", "sections": sections, "mode": mode}
-    cfg = stag_config_for(hf_model.config, state, sections, mode, window, init, cross_attn, recipe)
+    recipe = recipe or {"tool": "stag convert (in memory)", **layout.as_dict()}
+    cfg = stag_config_for(hf_model.config, state, layout, recipe)
     with torch.device("meta"):
         model = StagForCausalLM(cfg)
     model = model.to_empty(device="cpu").float()
     ours = model.state_dict()
     filled = set()
-
-    widened = ("qkv.weight", "qkv.bias", "o.weight") if cfg.cross_attn == "parallel" and cfg.cross_sets else ()
+    widened = model.blocks[0].cross.widened if model.blocks[0].cross is not None else ()
 
     def put(name, tensor, index=None):
         target = ours[name] if index is None else ours[name][index]
         if name.endswith(widened) and tensor.dim() == target.dim() and tensor.shape != target.shape \
                 and all(a <= b for a, b in zip(tensor.shape, target.shape)):
-            # parallel cross-attention widens qkv (rows) and o (columns): the source fills the leading block
+            # a form that lives inside qkv (rows) and o (columns): the source fills the leading block
             target = target[tuple(slice(0, n) for n in tensor.shape)]
         if tensor.numel() != target.numel():
             raise StagError(f"internal: {name} has shape {tuple(target.shape)}, the source {tuple(tensor.shape)}")
@@ -191,58 +173,30 @@ def convert_model(hf_model, sections=1, mode="split", window=None, init="zero", 
             if tensor is None:
                 raise StagError(f"checkpoint lacks weight {prefix}{spec} needed for {key}")
             put(key, tensor, set_index)
-    _init_cross_attention(model, ours, filled)
+    _init_added(model, filled)
     missing = set(ours) - filled
     if missing:
         raise StagError(f"internal: weights left unset: {sorted(missing)[:3]}")
     return model.eval()
 
 
-def _init_cross_attention(model, ours, filled):
-    """[ours] Section s's cross-attention starts as a copy of the same layer's self-attention
-    (query, key, value, norms), with a zero output projection: the converted model computes what the
-    source did (shared mode) and fine-tuning starts from meaningful attention patterns. The memory
-    norm starts as the source's final norm. Parallel form: the query copy goes into the extra qkv
-    rows and the zero output into the extra o columns (section 1, which has no memory, gets zeros)."""
+@torch.no_grad()
+def _init_added(model, filled):
+    """[ours] What staggering adds starts from the source: each section's cross-attention as a copy
+    of the same layer's self-attention with a zero output (see the forms), the memory norm as the
+    source's final norm. So a shared conversion computes what the source did, and fine-tuning
+    starts from meaningful attention patterns."""
     cfg = model.config
     if not cfg.cross_sets:
         return
-    q_rows, hd_all = cfg.num_heads * cfg.head_dim, cfg.num_heads * cfg.head_dim
-    qkv_rows = q_rows + 2 * cfg.num_kv_heads * cfg.head_dim  # the source's q|k|v
-    parallel = cfg.cross_attn == "parallel"
-    owner = lambda c: 0 if cfg.shared else c + 1  # weight set of the section that owns cross set c
-    for j in range(cfg.depth):
-        p = f"blocks.{j}."
-        get = lambda name: ours.get(p + name)
-        for kind in ("weight", "bias"):
-            qkv = get(f"qkv.{kind}")
-            if qkv is None:
-                continue
-            for c in range(cfg.cross_sets):
-                get(f"cross_kv.{kind}")[c].copy_(qkv[owner(c)][q_rows:qkv_rows])
-                if parallel:
-                    qkv[owner(c)][qkv_rows:].copy_(qkv[owner(c)][:q_rows])
-                else:
-                    get(f"cross_q.{kind}")[c].copy_(qkv[owner(c)][:q_rows])
-            if parallel and not cfg.shared:
-                qkv[0][qkv_rows:].zero_()  # section 1's cross-query rows: never used
-        for c in range(cfg.cross_sets):
-            for norm in ("attn_norm.weight", "attn_norm.bias", "q_norm.weight", "k_norm.weight"):
-                cross_norm = get("cross_" + norm.replace("attn_", ""))  # cross_norm, cross_q_norm, cross_k_norm
-                if cross_norm is not None:
-                    cross_norm[c].copy_(get(norm)[owner(c)])
-        if parallel:
-            get("o.weight")[:, :, hd_all:].zero_()  # the cross heads' output columns
-        for name in ours:
-            if name.startswith(p + "cross_o."):
-                ours[name].zero_()
-            if name.startswith(p + "cross_"):
-                filled.add(name)
+    owners = [0] if cfg.shared else list(range(1, cfg.sections))  # weight set owning each cross set
+    for block in model.blocks:
+        block.cross.init_from_source(block, owners)
     for c in range(cfg.cross_sets):
-        ours["mem_norm.weight"][c].copy_(ours["final_norm.weight"][0])
-        if "mem_norm.bias" in ours:
-            ours["mem_norm.bias"][c].copy_(ours["final_norm.bias"][0])
-    filled.update(n for n in ours if n.startswith("mem_norm."))
+        model.mem_norm.weight[c].copy_(model.final_norm.weight[0])
+        if model.mem_norm.bias is not None:
+            model.mem_norm.bias[c].copy_(model.final_norm.bias[0])
+    filled.update(n for n, _, _ in model.added_weights())
 
 
 # --- the whole job: stag convert ----------------------------------------------------------------
@@ -255,43 +209,57 @@ class ConvertResult:
     bytes_written: int
 
 
-def convert(src: str, out: str, sections: int = 2, mode: str = "split", window: int | None = None,
-            init: str = "zero", cross_attn: str = "sequential", dtype: str = "float32", force: bool = False,
+def check_output_dir(out: Path, force: bool, protected=()):
+    """Refuse an OUT that exists (without --force) or that --force must not delete: anything but a
+    previous stag output, the current directory, a protected path (the source) or one of its parents."""
+    out = Path(out)
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise StagError(f"{out} already exists; pass --force to replace it")
+    resolved = out.resolve()
+    for path in [Path.cwd(), *protected]:
+        path = Path(path).resolve()
+        if resolved == path or resolved in path.parents:
+            what = "the current directory" if path == Path.cwd().resolve() else f"{path}"
+            raise StagError(f"--force will not replace {out}: it is or contains {what}")
+    if not (out.is_dir() and is_stag_output(out)):
+        raise StagError(f"--force replaces only a previous stag output; {out} is not one (no stag config.json)")
+
+
+def is_stag_output(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == "stag"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def convert(src: str, out: str, layout: Layout = Layout(), dtype: str = "float32", force: bool = False,
             progress=None) -> ConvertResult:
     """Read SRC, stagger it, write OUT atomically (a temporary directory renamed at the end)."""
     out_path = Path(out)
     if dtype not in DTYPES:
         raise StagError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
-    if out_path.exists() and not force:
-        raise StagError(f"{out} already exists; pass --force to replace it")
+    source = Path(resolve_alias(src))
+    check_output_dir(out_path, force, protected=[source] if source.exists() else [])
     hf_config = load_hf_config(src)
     family = family_of(hf_config)
-    layers_attr = family.hparams["num_layers"]
-    num_layers = layers_attr(hf_config) if callable(layers_attr) else getattr(hf_config, layers_attr)
-    validate_layout(num_layers, sections, mode, window, init, cross_attn)  # before the (slow) weight load
+    num_layers = _hparam(family, hf_config, "num_layers")
+    layout.validate(num_layers)  # before the (slow) weight load
     report = progress or (lambda msg: None)
     report("loading source weights")
     hf_model, tokenizer = load_hf_model(src)
     recipe = {"tool": "stag convert", "source": str(src), "source_model_type": hf_config.model_type,
-              "source_layers": num_layers, "sections": sections, "mode": mode, "window": window,
-              "init": init, "cross_attn": cross_attn, "dtype": dtype}
+              "source_layers": num_layers, **layout.as_dict(), "dtype": dtype}
     report("staggering")
-    model = convert_model(hf_model, sections, mode, window, init, cross_attn, recipe).to(DTYPES[dtype])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
-    try:
-        report("writing")
+    model = convert_model(hf_model, layout, recipe).to(DTYPES[dtype])
+    report("writing")
+    with new_dir(out_path, replace=force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "stag_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-        if out_path.exists():
-            shutil.rmtree(out_path) if out_path.is_dir() else out_path.unlink()
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        tmp.rename(out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "stag_recipe.json", recipe)
+        tmp.chmod(0o755)
     size = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
     return ConvertResult(out_path, model.config, sum(p.numel() for p in hf_model.parameters()),
                          sum(p.numel() for p in model.parameters()), size)
@@ -315,4 +283,4 @@ def load_model(path: str, dtype: str = "float32"):
         return model.eval(), tokenizer
     hf_model, tokenizer = load_hf_model(path)
     recipe = {"tool": "stag (in-memory, unconverted)", "source": str(path), "sections": 1}
-    return convert_model(hf_model, recipe=recipe).to(DTYPES[dtype]).eval(), tokenizer
+    return convert_model(hf_model, Layout(sections=1), recipe).to(DTYPES[dtype]).eval(), tokenizer

@@ -125,7 +125,7 @@ class DecodeEngine:
         """Warm up (and compile) on a side stream, then capture one step. The warm-up and capture
         runs advance the cache, so its state is saved first and restored after."""
         cache = self.cache
-        saved = [t.clone() for t in self._mutable()]
+        saved = [t.clone() for t in cache.mutable()]
         self._token.copy_(token)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -136,20 +136,55 @@ class DecodeEngine:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._logits = self._step_fn(self._token, cache, self.recurrent, self.memory_kv)
-        for t, s in zip(self._mutable(), saved):
+        for t, s in zip(cache.mutable(), saved):
             t.copy_(s)
 
-    def _mutable(self):
-        """Cache tensors a step writes besides K/V slots beyond the current length (which stay
-        masked until overwritten)."""
-        c = self.cache
-        return [c.key_valid, c.count, c.slot, c.last_out, c.last_emb]
+
+# --- the token loop (shared with decode_ranks) ------------------------------------------------
+class Stopping:
+    """End-of-sequence bookkeeping: once a row has emitted an EOS token its later tokens are
+    pad_token_id (default: the first EOS id, else 0)."""
+
+    def __init__(self, batch: int, device, eos_token_id=None, pad_token_id: int | None = None):
+        ids = [] if eos_token_id is None else (
+            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id])
+        self.eos = torch.tensor(ids, dtype=torch.long, device=device)
+        self.pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def apply(self, token):
+        if len(self.eos):
+            token = token.masked_fill(self.done, self.pad)
+            self.done = self.done | torch.isin(token, self.eos)
+        return token
+
+    def all_done(self) -> bool:
+        return bool(len(self.eos)) and bool(self.done.all())  # the only host sync of a decode loop
 
 
-def _eos_ids(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+def decode_loop(logits, step: Callable, choose: Callable, max_new_tokens: int, stopping: Stopping,
+                on_token: Callable | None = None) -> torch.LongTensor:
+    """choose(logits) -> tokens [B]; step(tokens) -> the next logits. Returns [B, n] (n <= max_new_tokens:
+    it stops once every row has emitted an EOS token)."""
+    out = []
+    for i in range(max_new_tokens):
+        token = stopping.apply(choose(logits))
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if i == max_new_tokens - 1 or stopping.all_done():
+            break
+        logits = step(token)
+    return torch.stack(out, 1)
+
+
+def check_prompt(input_ids, attention_mask=None):
+    """A [batch, length] prompt in which every row has at least one real token."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise StagError("input_ids must be a non-empty (batch, length) tensor")
+    if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
+        empty = int((attention_mask.sum(1) == 0).nonzero()[0, 0])
+        raise StagError(f"prompt {empty + 1} of {input_ids.shape[0]} is empty (no tokens to continue)")
 
 
 @torch.no_grad()
@@ -165,8 +200,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
     reproducible. engine: reuse a DecodeEngine (its batch must match; max_len must fit).
     """
     sampling = Sampling(temperature, top_k, top_p).check()
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise StagError("input_ids must be a non-empty [batch, length] tensor")
+    check_prompt(input_ids, attention_mask)
     if max_new_tokens < 1:
         raise StagError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     batch, prompt_len = input_ids.shape
@@ -178,24 +212,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    eos = torch.tensor(_eos_ids(eos_token_id), dtype=torch.long, device=device)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-
+    stopping = Stopping(batch, device, eos_token_id, pad_token_id)
     logits = engine.prefill(input_ids, attention_mask)
-    out = []
-    for i in range(max_new_tokens):
-        token = sample(logits, sampling, generator)
-        if len(eos):
-            token = token.masked_fill(done, pad)
-            done = done | torch.isin(token, eos)
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        if i == max_new_tokens - 1 or (len(eos) and bool(done.all())):  # the only host sync (EOS)
-            break
-        logits = engine.step(token)
-    return torch.stack(out, 1)
+    return decode_loop(logits, engine.step, lambda lg: sample(lg, sampling, generator), max_new_tokens,
+                       stopping, on_token)
 
 
 def full_forward_greedy(model, input_ids, max_new_tokens: int):

@@ -9,8 +9,6 @@ The tokens equal single-process decoding (tests/test_decode.py checks it on CPU 
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import queue as queue_lib
 import socket
 import traceback
@@ -21,24 +19,22 @@ from .errors import StagError
 
 
 def narrow_to_section(model, rank: int):
-    """Drop every weight set but section `rank`'s (in place). Shared-weight models keep their one set."""
-    from .model import StackedLinear, StackedNorm
-    cfg = model.config
+    """Keep only section `rank`'s weights (in place): depth weights of set `rank`, and the
+    cross-attention, memory norm and section input of the boundary below it (set rank - 1).
+    Shared-weight models keep their one set. The model then holds (model.held) only that section."""
+    from .layers import StackedLinear, StackedNorm
 
     def keep(module, index):
-        for name in ("weight", "bias"):
-            p = getattr(module, name, None)
-            if p is not None:
-                p.data = p.data[index:index + 1].clone() if index >= 0 else p.data[:0].clone()
+        for p in module.parameters(recurse=False):
+            p.data = p.data[index:index + 1].clone() if index >= 0 else p.data[:0].clone()
 
-    if cfg.shared:
-        return model
-    for block in model.blocks:  # every stacked weight: section r's set, or cross set r - 1
-        for name, module in block.named_children():
-            if isinstance(module, (StackedLinear, StackedNorm)):
-                keep(module, rank - 1 if name.startswith("cross_") else rank)
-    if model.mem_norm is not None:
-        keep(model.mem_norm, rank - 1)
+    if not model.config.shared:
+        for name, module in model.named_modules():
+            if not isinstance(module, (StackedLinear, StackedNorm)) or name.startswith("final_norm"):
+                continue
+            boundary = name.startswith(("mem_norm", "section_input")) or ".cross." in name
+            keep(module, rank - 1 if boundary else rank)
+    model.held = slice(rank, rank + 1)
     return model
 
 
@@ -46,55 +42,32 @@ class SectionRank:
     """Section `rank` of a model narrowed with narrow_to_section, with its own static cache."""
 
     def __init__(self, model, rank: int, batch: int, max_len: int):
-        self.model, self.rank, self.cfg = model, rank, model.config
-        device, dtype = model.embed.weight.device, model.embed.weight.dtype
-        from .cache import StagCache
-        self.cache = StagCache(self.cfg, batch, max_len, device, dtype, sections=1, memories=1 if rank else 0)
+        self.model, self.rank = model, rank
+        self.cache = model.new_cache(batch, max_len)
         self.memory_kv = model.memory_kv_weights() if rank else None
+        self.place = None
 
-    def _run(self, positions, key_valid, slots, memory=None):
-        run = self.model._run(slice(self.rank, self.rank + 1), positions, key_valid, slots, self.cache, memory)
-        # this rank's weights and caches hold one set, at index 0
-        return dataclasses.replace(run, weights=slice(0, 1), cross=slice(0, 1), cross_rows=slice(0, 1),
-                                   sections=slice(0, 1))
-
-    def prefill(self, input_ids, attention_mask, source):
-        """Run this section over the prompt. source: the section below's outputs [B, T, d]
-        (None for section 0). Returns this section's outputs [B, T, d]."""
-        model, cache, r = self.model, self.cache, self.rank
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        slots, positions, key_valid, prev_valid = cache.reserve(valid)
-        emb = model.embed_tokens(input_ids, positions)
-        x, memory = emb, None
-        if r > 0:
-            if self.cfg.lagged_input:
-                x = emb + model._lag(emb, source, valid, prev_valid, cache, r)
-            memory = model.mem_norm(source[None], slice(0, 1))
-            cache.last_out[r - 1] = source[:, -1]
-        out = model._blocks(x[None], self._run(positions, key_valid, slots, memory))[0]
-        cache.last_out[r] = out[:, -1]
-        cache.last_emb.copy_(emb[:, -1])
+    def prefill(self, input_ids, attention_mask, below):
+        """This section over the prompt. below: the section below's outputs [B, T, d] (None for
+        section 0). Returns this section's outputs [B, T, d]."""
+        model, r = self.model, self.rank
+        place = model.place(input_ids, attention_mask, self.cache)
+        emb = model.embed_tokens(input_ids, place.positions)
+        out = model.run_section(r, emb, below, place, self.cache)
+        model.remember_last(self.cache, emb, {r: out, **({r - 1: below} if r else {})})
         return out
 
     def step(self, token):
         """This section on tokens [B]; returns its output [B, d]. Memory is written by remember()."""
-        model, cache, r = self.model, self.cache, self.rank
-        cache.claim(1)
-        slots, positions, key_valid, prev_valid = cache.reserve_one()
-        self._slots, self._positions = slots, positions
-        emb = model.embed_tokens(token[:, None], positions)
-        x = emb
-        if self.cfg.lagged_input and r > 0:
-            x = x + ((cache.last_out[r - 1] - cache.last_emb) * prev_valid[:, None].to(emb.dtype))[:, None]
-        out = model._blocks(x[None], self._run(positions, key_valid, slots))[0, :, -1]
-        cache.last_emb.copy_(emb[:, -1])
-        return out
+        self.cache.claim(1)
+        out, self.place = self.model.step_sections(token, self.cache)
+        return out[0]
 
     def remember(self, outputs):
         """After a step: outputs [p, B, d] of every section; the one below becomes this memory."""
         if self.rank:
-            self.model.write_memory(outputs[self.rank - 1][None], self.cache, self._slots, self._positions,
-                                    self.memory_kv, rows=slice(0, 1))
+            self.model.write_memory(outputs[self.rank - 1][None], self.cache, self.place,
+                                    slice(self.rank, self.rank + 1), self.memory_kv)
         self.cache.last_out.copy_(outputs)
 
 
@@ -107,7 +80,7 @@ def _free_port() -> int:
 def _rank_main(rank, world, port, device, model_source, dtype, input_ids, attention_mask,
                max_new_tokens, sampling_kw, seed, eos_token_id, out_queue):
     import torch.distributed as dist
-    from .decode import Sampling, sample, _eos_ids
+    from .decode import Sampling, Stopping, decode_loop, sample
     try:
         device = torch.device(device)
         if device.type == "cuda":
@@ -126,39 +99,36 @@ def _rank_main(rank, world, port, device, model_source, dtype, input_ids, attent
         section = SectionRank(model, rank, batch, prompt_len + max_new_tokens)
         sampling = Sampling(**sampling_kw)
         generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        eos = torch.tensor(_eos_ids(eos_token_id), dtype=torch.long, device=device)
-        pad = int(eos[0]) if len(eos) else 0
-        done = torch.zeros(batch, dtype=torch.bool, device=device)
         last = world - 1
-        token = torch.zeros(batch, dtype=torch.long, device=device)
+
+        def choose(logits):  # the last rank samples; every rank gets the token
+            token = sample(logits, sampling, generator) if rank == last else \
+                torch.zeros(batch, dtype=torch.long, device=device)
+            dist.broadcast(token, last)
+            return token
+
+        def step(token):  # every section at once, one per device, then the outputs are exchanged
+            out = section.step(token)
+            gathered = [torch.empty_like(out) for _ in range(world)]
+            dist.all_gather(gathered, out.contiguous())
+            section.remember(torch.stack(gathered))
+            return model.logits(out) if rank == last else None
+
+        def on_token(token):
+            if rank == 0:
+                out_queue.put(("token", token.cpu().clone()))  # a copy: queued tensors share memory
 
         with torch.no_grad():
-            source = None
+            below = None
             if rank:  # prefill: sections one after another, outputs passed up the chain
-                source = torch.empty(batch, prompt_len, model.config.hidden_size, device=device,
-                                     dtype=model.embed.weight.dtype)
-                dist.recv(source, rank - 1)
-            out = section.prefill(input_ids, attention_mask, source)
+                below = torch.empty(batch, prompt_len, model.config.hidden_size, device=device,
+                                    dtype=model.embed.weight.dtype)
+                dist.recv(below, rank - 1)
+            out = section.prefill(input_ids, attention_mask, below)
             if rank < last:
                 dist.send(out.contiguous(), rank + 1)
             logits = model.logits(out[:, -1]) if rank == last else None
-            for i in range(max_new_tokens):
-                if rank == last:
-                    token = sample(logits, sampling, generator)
-                dist.broadcast(token, last)
-                if len(eos):
-                    token = token.masked_fill(done, pad)
-                    done = done | torch.isin(token, eos)
-                if rank == 0:
-                    out_queue.put(("token", token.cpu().clone()))  # a copy: queued tensors share memory
-                if i == max_new_tokens - 1 or (len(eos) and bool(done.all())):
-                    break
-                out = section.step(token)          # every section at once, one per device
-                gathered = [torch.empty_like(out) for _ in range(world)]
-                dist.all_gather(gathered, out.contiguous())
-                section.remember(torch.stack(gathered))
-                if rank == last:
-                    logits = model.logits(out)
+            decode_loop(logits, step, choose, max_new_tokens, Stopping(batch, device, eos_token_id), on_token)
         if rank == 0:
             out_queue.put(("done", None))
         dist.destroy_process_group()
@@ -174,8 +144,9 @@ def generate_on_devices(model_source, input_ids, attention_mask=None, max_new_to
     model_source: a path load_model understands (each rank loads it) or an in-memory model
     (pickled to the ranks). len(devices) must equal the model's section count."""
     import torch.multiprocessing as mp
-    from .decode import Sampling
+    from .decode import Sampling, check_prompt
     Sampling(temperature, top_k, top_p).check()
+    check_prompt(input_ids, attention_mask)
     config = model_source.config if not isinstance(model_source, str) else None
     if config is None:
         from .convert import load_hf_config

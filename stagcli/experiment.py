@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -23,29 +22,27 @@ from typing import Callable, Optional
 
 import torch
 
+from .bench import machine
 from .errors import StagError
+from .layout import FIELDS as LAYOUT_FIELDS, Layout
+from .recipes import check_keys, load_yaml
 
 RECIPE_KEYS = {"name", "description", "source", "data", "heldout", "finetune", "variants", "eval",
                "bench", "scratch", "tiny"}
-VARIANT_KEYS = {"sections", "mode", "window", "init", "cross_attn", "distill", "train", "cross_lr_scale"}
+VARIANT_TRAIN_KEYS = ("train", "cross_lr_scale")  # fine-tuning options a variant may override
+VARIANT_KEYS = {*LAYOUT_FIELDS, "distill", *VARIANT_TRAIN_KEYS}
 
 
 def load_experiment(path, tiny: bool = False) -> dict:
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise StagError(f"recipe not found: {path}")
-    recipe = yaml.safe_load(path.read_text()) or {}
-    unknown = set(recipe) - RECIPE_KEYS
-    if unknown:
-        raise StagError(f"recipe {path}: unknown keys {sorted(unknown)}; known: {', '.join(sorted(RECIPE_KEYS))}")
+    recipe = load_yaml(path)
+    check_keys(recipe, RECIPE_KEYS, f"recipe {path}")
     if tiny:
         if "tiny" not in recipe:
             raise StagError(f"recipe {path} has no `tiny:` section for --tiny")
         recipe = _merge(recipe, recipe["tiny"])
     for name, variant in (recipe.get("variants") or {}).items():
-        if set(variant or {}) - VARIANT_KEYS:
-            raise StagError(f"recipe {path}: variant {name}: unknown keys {sorted(set(variant) - VARIANT_KEYS)}")
+        check_keys(variant, VARIANT_KEYS, f"recipe {path}: variant {name}")
+        variant_layout(variant)  # fail early on a bad value
     if not recipe.get("variants") and not recipe.get("scratch"):
         raise StagError(f"recipe {path} lists no variants and no scratch models")
     if recipe.get("variants") and not recipe.get("source"):
@@ -121,20 +118,26 @@ def _resume_or_restart(run_dir: Path) -> bool:
 
 def variant_train_options(variant: dict) -> dict:
     """The fine-tuning options a variant overrides; the rest come from the recipe's `finetune:`."""
-    return {key: variant[key] for key in ("train", "cross_lr_scale") if key in variant}
+    return {key: variant[key] for key in VARIANT_TRAIN_KEYS if key in variant}
 
 
-def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, out: Path, report) -> dict:
+def variant_layout(variant: dict) -> Layout:
+    """A variant's layout: its Layout keys over Layout's defaults; no `sections` means the control."""
+    return Layout.from_dict({"sections": 1, **{k: v for k, v in variant.items() if k in LAYOUT_FIELDS}},
+                            where="experiment variant")
+
+
+def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, out: Path, report,
+                         callbacks=()) -> dict:
     from .convert import convert, load_model
     from .train import finetune
     work = out / "variants" / name
     converted = work / "converted"
-    if variant.get("sections", 1) > 1 and not (converted / "config.json").is_file():
+    layout = variant_layout(variant)
+    if layout.sections > 1 and not (converted / "config.json").is_file():
         report(name, "converting")
-        convert(source, str(converted), sections=variant["sections"], mode=variant.get("mode", "split"),
-                window=variant.get("window"), init=variant.get("init", "zero"),
-                cross_attn=variant.get("cross_attn", "sequential"), force=True)
-    model_path = str(converted) if variant.get("sections", 1) > 1 else source
+        convert(source, str(converted), layout, force=True)
+    model_path = str(converted) if layout.sections > 1 else source
     finetuned = work / "finetuned"
     if not (finetuned / "stag_recipe.json").is_file():
         resume = _resume_or_restart(finetuned)
@@ -147,7 +150,7 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
                + (" with distillation" if teacher is not None else ""))
         start = time.perf_counter()
         finetune(model, tokenizer, _train_config(recipe, extra), finetuned, teacher=teacher, resume=resume,
-                 run_info={"model": model_path, "teacher": source if teacher is not None else None})
+                 callbacks=callbacks, run_info={"model": model_path, "teacher": source if teacher is not None else None})
         (work / "time.json").write_text(json.dumps({"finetune_s": time.perf_counter() - start}))
         shutil.rmtree(finetuned / "checkpoints", ignore_errors=True)  # the final model is kept
     return {"name": name, **variant, "converted": model_path, "finetuned": str(finetuned),
@@ -257,7 +260,8 @@ def select(recipe: dict, variants: Optional[list[str]] = None, max_tokens: Optio
 
 def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
                    report: Optional[Callable[[str, str], None]] = None, variants: Optional[list[str]] = None,
-                   max_tokens: Optional[int] = None, skip: Optional[list[str]] = None) -> dict:
+                   max_tokens: Optional[int] = None, skip: Optional[list[str]] = None, callbacks=()) -> dict:
+    """The whole pipeline; `callbacks` (train.Callback) see every fine-tune."""
     report = report or (lambda who, what: None)
     recipe = select(load_experiment(recipe_path, tiny), variants, max_tokens, skip)
     out, results = Path(out_dir), Path(results_dir)
@@ -267,7 +271,7 @@ def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
     if isinstance(source, dict):  # tiny: build it here
         source = build_tiny_source(source, recipe, out, report)
 
-    entries = [convert_and_finetune(name, v or {}, source, recipe, out, report)
+    entries = [convert_and_finetune(name, v or {}, source, recipe, out, report, callbacks)
                for name, v in (recipe.get("variants") or {}).items()]
 
     evaluation = None
@@ -285,12 +289,6 @@ def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
                         seconds=time.perf_counter() - started, tiny=tiny, recipe_path=str(recipe_path))
     write_results(summary, results)
     return summary
-
-
-def machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
-    import os
-    return f"{device}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tiny, recipe_path) -> dict:
@@ -324,7 +322,7 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
             tasks.append({"task": row["task"], "metric": row["metric"], "filter": row["filter"],
                           "values": [row["values"].get(k, {}).get("value") for k in names],
                           "stderr": [row["values"].get(k, {}).get("stderr") for k in names]})
-    return {"recipe": recipe_path, "tiny": tiny, "source": source, "machine": machine(),
+    return {"recipe": recipe_path, "tiny": tiny, "source": source, "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
             "seconds": round(seconds, 1), "finetune": recipe.get("finetune"), "variants": rows,
             "curves": {e["name"]: e["curve"] for e in entries}, "tasks": tasks, "task_models": labels,
             "bench": speeds, "scratch": scratch, "scratch_settings": recipe.get("scratch")}

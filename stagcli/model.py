@@ -1,18 +1,19 @@
-"""The StagFormer causal LM: one readable model file.
+"""The StagFormer causal LM.
 
-A decoder's L layers are split into `sections` (separate weights) or run as `sections` passes
-of the same L layers (shared weights). Section s>0 starts again from the token embedding and,
-at every layer, cross-attends to section s-1's outputs at positions < i (strictly causal).
+A decoder's L layers are split into `sections` (separate weights) or run as `sections` passes of
+the same L layers (shared weights). Section s > 0 reads an input built from what it may see (see
+section_input.py) and, at every layer, cross-attends to section s-1's outputs at positions < i
+(strictly causal; the form is a class chosen by config.cross_attn, see cross_attention.py).
 
 Storage: `blocks[j]` holds depth j of EVERY section, each weight stacked over sections as
 [weight_sets, out, in]. Training runs section after section over the whole sequence
 (`run_sections`); decoding runs all sections at once, one batched matmul per depth (`step`).
-Both use the same Block code, so they give the same logits.
+Both go through `run_blocks`, so they give the same logits. A model may hold only some sections
+(`held`, one rank of a multi-process decode: see decode_ranks.narrow_to_section); the same
+methods then run those.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,7 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .cache import StagCache
+from .cache import Place, StagCache
+from .cross_attention import FORMS
+from .layers import (ROPE_SCALINGS, RopeTable, StackedLinear, StackedNorm, apply_rope, attend,  # noqa: F401
+                     attention_masks, merge_heads, split_heads)
+from .section_input import INPUTS
 
 
 class StagConfig(PretrainedConfig):
@@ -33,7 +38,7 @@ class StagConfig(PretrainedConfig):
                  rope_theta=10000.0, rope_scaling_params=None, max_positions=512, mlp="gated", activation="silu",
                  qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None,
                  tie_embeddings=True,
-                 sections=1, shared=False, window=None, lagged_input=False, cross_attn="sequential",
+                 sections=1, shared=False, window=None, section_input="zero", cross_attn="sequential",
                  stag_recipe=None, **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
@@ -48,8 +53,11 @@ class StagConfig(PretrainedConfig):
         self.qk_norm = qk_norm  # per-head RMSNorm on queries and keys before RoPE (Qwen3)
         self.sliding_window = sliding_window  # the source's self-attention window (Mistral 7B v0.1)
         self.tie_embeddings = tie_embeddings
-        self.sections, self.shared, self.window, self.lagged_input = sections, shared, window, lagged_input
-        self.cross_attn = cross_attn  # "sequential" (the paper's sublayer) or "parallel" (see Block)
+        if kwargs.pop("lagged_input", False):  # configs written before section_input existed
+            section_input = "lagged"
+        self.sections, self.shared, self.window = sections, shared, window
+        self.section_input = section_input  # see section_input.INPUTS
+        self.cross_attn = cross_attn        # see cross_attention.FORMS
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
         kwargs.setdefault("tie_word_embeddings", False)  # we tie by reusing embed.weight, not HF's tying
         super().__init__(**kwargs)
@@ -67,239 +75,73 @@ class StagConfig(PretrainedConfig):
         return 0 if self.sections == 1 else (1 if self.shared else self.sections - 1)
 
 
-class StackedLinear(nn.Module):
-    """`sets` linear maps in one [sets, out, in] tensor, so several sections run as one bmm."""
-
-    def __init__(self, sets, d_in, d_out, bias, zero_init=False):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(sets, d_out, d_in))
-        self.bias = nn.Parameter(torch.zeros(sets, d_out)) if bias else None
-        self.zero_init = zero_init  # cross-attention output starts at zero (the model is unchanged)
-
-    def forward(self, x, sets: slice, in_features: int | None = None):  # x [S, ..., d_in]
-        w = self.weight[sets]
-        if in_features is not None and in_features < w.shape[-1]:  # only the leading input columns
-            w = w[..., :in_features]
-        b = None if self.bias is None else self.bias[sets]
-        if w.shape[0] == 1:  # a single section, or shared weights: one plain GEMM for all rows
-            return F.linear(x, w[0], None if b is None else b[0])
-        y = torch.matmul(x.flatten(1, -2), w.transpose(1, 2)).view(*x.shape[:-1], w.shape[1])
-        return y if b is None else y + b.view(b.shape[0], *([1] * (x.dim() - 2)), -1)
-
-
-class StackedNorm(nn.Module):
-    """RMSNorm (Llama family) or LayerNorm (GPT-2), one weight row per set."""
-
-    def __init__(self, sets, dim, kind, eps):
-        super().__init__()
-        self.kind, self.eps = kind, eps
-        self.weight = nn.Parameter(torch.ones(sets, dim))
-        self.bias = nn.Parameter(torch.zeros(sets, dim)) if kind == "layer" else None
-
-    def forward(self, x, sets: slice):
-        shape = (-1,) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        if self.kind == "rms":  # computed in fp32 like transformers' LlamaRMSNorm
-            xf = x.float()
-            y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-            return self.weight[sets].view(shape) * y
-        y = F.layer_norm(x, x.shape[-1:], eps=self.eps)
-        return y * self.weight[sets].view(shape) + self.bias[sets].view(shape)
-
-
-ROPE_SCALINGS = ("default", "linear", "llama3")
-
-
-def rope_inv_freq(cfg: StagConfig, device):
-    """RoPE inverse frequencies [head_dim / 2], with the source's scaling ('linear', or Llama 3.1's
-    'llama3': long wavelengths slowed by `factor`, a smooth blend between)."""
-    hd = cfg.head_dim
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)
-    scaling = cfg.rope_scaling_params or {}
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        return inv / scaling["factor"]
-    if kind == "llama3":
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        context = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        scaled = torch.where(wavelen > context / low, inv / factor, inv)
-        smooth = (context / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= context / high) & (wavelen <= context / low)
-        return torch.where(medium, blended, scaled)
-    return inv
-
-
-def rope_tables(positions, inv_freq, dtype):
-    """cos/sin [B, T, head_dim] for integer positions [B, T] (Llama's rotate-half convention)."""
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat([freqs, freqs], -1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x, cos, sin):  # x [S, B, H, T, hd]
-    cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x.chunk(2, -1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
-def merge_heads(x):  # [S, B, H, T, hd] -> [S, B, T, H*hd]
-    return x.transpose(2, 3).flatten(3)
-
-
-def attend(q, k, v, mask):
-    """q [S,B,H,T,hd], k/v [S,B,Hkv,K,hd], boolean mask [B,G,T,K] -> [S,B,H,T,hd]. G = 1: one mask
-    for all heads; G = 2: the first half of the K/V heads (and their query heads) use mask[:, 0],
-    the second half mask[:, 1] (the parallel form's self and cross heads in one call)."""
-    S, B, H, T, hd = q.shape
-    Hkv, K = k.shape[2], k.shape[3]
-    group, G = H // Hkv, mask.shape[1]
-    # Grouped-query attention without copying K/V: the `group` query heads that share a K/V head
-    # become `group * T` query rows of that head (head h reads K/V head h // group, as in Llama).
-    q = q.reshape(S * B, Hkv, group * T, hd)
-    heads = 1 if G == 1 else Hkv  # a mask per K/V head only when the heads' masks differ
-    mask = mask[:, :, None, None].expand(B, G, heads // G, group, T, K).reshape(B, heads, group * T, K)
-    mask = mask.expand(S, *mask.shape).reshape(S * B, heads, group * T, K)
-    flat = lambda t: t.reshape(S * B, *t.shape[2:])
-    return F.scaled_dot_product_attention(q, flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
-
-
-def attention_masks(key_valid, q_slots, window, sliding_window=None):
-    """Self mask (causal, own slot always allowed so padded rows stay finite; the last
-    `sliding_window` slots only, if set), strictly causal cross mask (optionally windowed), and
-    which queries have any memory at all."""
-    k = torch.arange(key_valid.shape[1], device=key_valid.device)[None, :]
-    i = q_slots[:, None]
-    self_keys = (k <= i) & key_valid[:, None, :]
-    if sliding_window:  # as transformers: key slot > query slot - sliding_window
-        self_keys = self_keys & (k > i - sliding_window)
-    self_mask = self_keys | (k == i)
-    cross = (k < i) & key_valid[:, None, :]
-    if window:
-        cross = cross & (k >= i - window)
-    has_memory = cross.any(-1, keepdim=True)
-    cross = cross | ~has_memory  # an empty row would give NaN; its output is zeroed instead
-    return self_mask[:, None], cross[:, None], has_memory[:, None]
-
-
-@dataclass
 class Run:
-    """Which sections one call runs, and everything its blocks share."""
-    weights: slice          # weight sets of the rows
-    cross: slice            # cross-attention weight sets of the rows that have cross-attention
-    cross_rows: slice       # those rows' cross-memory slots in the cache
-    first_cross: int | None  # local row where cross-attention starts (None: no row has it)
-    sections: slice
-    rope: tuple | None
-    self_mask: torch.Tensor
-    cross_mask: torch.Tensor
-    has_memory: torch.Tensor
-    cache: "StagCache | None" = None
-    slots: torch.Tensor | None = None
-    memory: torch.Tensor | None = None  # normalised memory states for the new slots [C, B, T, d]
-    # parallel form, decode: self + cross heads in one attention call over cache.joint()
-    joint_mask: torch.Tensor | None = None  # [B, 2, T, K]: self mask, cross mask
-    head_scale: torch.Tensor | None = None  # [S, B, 2, 1, T, 1]: 1 for self heads; has_memory (0 below first_cross) for cross
+    """One call of run_blocks: which sections run (global indices), where their weights and cache
+    rows are in this model (local indices), and what every depth shares (masks, RoPE)."""
+
+    def __init__(self, model, sections: slice, place: Place, cache, memory, rope):
+        cfg, held = model.config, model.held
+        s0, s1 = sections.start, sections.stop
+        c0, h_mem = max(s0, 1), max(held.start, 1)
+        self.sections, self.count = sections, s1 - s0
+        self.rows = slice(s0 - held.start, s1 - held.start)       # self K/V rows, weight sets
+        self.cross_rows = slice(c0 - h_mem, s1 - h_mem)           # memory rows, cross weight sets
+        self.weights = slice(0, 1) if cfg.shared else self.rows
+        self.cross = slice(0, 1) if cfg.shared else self.cross_rows
+        self.first_cross = c0 - s0 if s1 > c0 and cfg.cross_sets else None  # first row with memory
+        self.self_mask, self.cross_mask, self.has_memory = attention_masks(
+            place.key_valid, place.slots, cfg.window, cfg.sliding_window)
+        self.cache, self.slots, self.memory, self.rope = cache, place.slots, memory, rope
+        self.dtype = model.embed.weight.dtype
+        self._memo = {}
+
+    def memo(self, key, make):
+        """A value computed once per call and shared by every depth (make(run))."""
+        if key not in self._memo:
+            self._memo[key] = make(self)
+        return self._memo[key]
 
 
 class Block(nn.Module):
-    """Depth j of every section: self-attention, cross-attention (sections > 1), MLP.
-
-    Cross-attention forms (`cross_attn`): "sequential" is the paper's extra sublayer after
-    self-attention, with its own norm, query and output projections. "parallel" [ours] reads the same
-    norm(x) as self-attention: its query rows are part of the qkv GEMM and its output columns part
-    of the o GEMM, so a decode step has no extra GEMM, norm or residual add per layer (the memory K/V
-    of all depths still come from one GEMM per step)."""
+    """Depth j of every section: self-attention, cross-attention (sections > 1), MLP."""
 
     def __init__(self, cfg: StagConfig):
         super().__init__()
-        d, hd, W, C = cfg.hidden_size, cfg.head_dim, cfg.weight_sets, cfg.cross_sets
+        d, hd, W = cfg.hidden_size, cfg.head_dim, cfg.weight_sets
         self.heads, self.kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.parallel = bool(C) and cfg.cross_attn == "parallel"
         norm = lambda sets, dim=d: StackedNorm(sets, dim, cfg.norm, cfg.norm_eps)
-        head_norm = lambda sets: norm(sets, hd) if cfg.qk_norm else None
         self.attn_norm, self.mlp_norm = norm(W), norm(W)
-        self.q_norm, self.k_norm = head_norm(W), head_norm(W)
-        self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd]
-        if self.parallel:  # + the cross-attention's query rows (every weight set, so one bmm serves all)
-            self.qkv_sizes.append(self.heads * hd)
+        self.q_norm, self.k_norm = (norm(W, hd), norm(W, hd)) if cfg.qk_norm else (None, None)
+        self.cross = FORMS[cfg.cross_attn](cfg, cfg.cross_sets) if cfg.cross_sets else None
+        widened = self.cross is not None and bool(self.cross.widened)  # the form lives inside qkv and o
+        self.qkv_sizes = [self.heads * hd, self.kv_heads * hd, self.kv_heads * hd] + ([self.heads * hd] if widened else [])
         self.qkv = StackedLinear(W, d, sum(self.qkv_sizes), cfg.qkv_bias)
-        self.o = StackedLinear(W, self.heads * hd * (2 if self.parallel else 1), d, cfg.o_bias)
+        self.o = StackedLinear(W, self.heads * hd * (2 if widened else 1), d, cfg.o_bias)
         gated = cfg.mlp == "gated"
         self.up = StackedLinear(W, d, cfg.intermediate_size * (2 if gated else 1), cfg.mlp_bias)
         self.down = StackedLinear(W, cfg.intermediate_size, d, cfg.mlp_bias)
         self.act, self.gated = ACT2FN[cfg.activation], gated
-        if C:
-            if not self.parallel:
-                self.cross_norm = norm(C)
-                self.cross_q = StackedLinear(C, d, self.heads * hd, cfg.qkv_bias)
-                self.cross_o = StackedLinear(C, self.heads * hd, d, cfg.o_bias, zero_init=True)
-            self.cross_kv = StackedLinear(C, d, 2 * self.kv_heads * hd, cfg.qkv_bias)
-            self.cross_q_norm, self.cross_k_norm = head_norm(C), head_norm(C)
 
-    def split_heads(self, x, n, norm=None, sets=None):  # [S,B,T,n*hd] -> [S,B,n,T,hd]
-        x = x.view(*x.shape[:3], n, -1).transpose(2, 3)
-        return x if norm is None else norm(x, sets)
-
-    def memory_kv(self, memory, cross: slice, rope):
-        k, v = self.cross_kv(memory, cross).chunk(2, -1)
-        k, v = self.split_heads(k, self.kv_heads, self.cross_k_norm, cross), self.split_heads(v, self.kv_heads)
-        return (apply_rope(k, *rope) if rope else k), v
-
-    def cross_attend(self, q, run: Run, j: int):
-        """Queries [S_c, B, T, H*hd] of the rows with cross-attention -> their merged outputs, zero
-        where a query has no memory yet. Memory K/V: new ones from run.memory, older ones cached."""
-        q = self.split_heads(q, self.heads, self.cross_q_norm, run.cross)
-        q = apply_rope(q, *run.rope) if run.rope else q
-        k = v = None
-        if run.memory is not None:
-            k, v = self.memory_kv(run.memory, run.cross, run.rope)
-        if run.cache is not None:
-            k, v = run.cache.update_memory(j, run.cross_rows, run.slots, k, v)
-        return merge_heads(attend(q, k, v, run.cross_mask) * run.has_memory)
-
-    def joint_attend(self, q, q_cross, run: Run, j: int):
-        """Decode step of the parallel form: the self heads (q, already in the cache's self half) and
-        the cross heads (q_cross, every row) in ONE attention call over cache.joint(); rows without
-        memory get zero cross heads (run.head_scale). Returns [S, B, 2H, 1, hd]."""
-        c = run.first_cross
-        q_cross = self.split_heads(q_cross, self.heads)
-        if self.cross_q_norm is not None:  # rows below c have no cross set: left as they are, zeroed below
-            normed = self.cross_q_norm(q_cross[c:], run.cross)
-            q_cross = torch.cat([q_cross[:c], normed]) if c else normed
-        q_cross = apply_rope(q_cross, *run.rope) if run.rope else q_cross
-        if run.memory is not None:
-            run.cache.update_memory(j, run.cross_rows, run.slots, *self.memory_kv(run.memory, run.cross, run.rope))
-        k, v = run.cache.joint(j, run.sections)
-        out = attend(torch.cat([q, q_cross], 2), k, v, run.joint_mask)
-        S, B, H2, T, hd = out.shape
-        return (out.view(S, B, 2, H2 // 2, T, hd) * run.head_scale).view(S, B, H2, T, hd)
-
-    def forward(self, x, run: Run, j: int):  # x [S, B, T, d]
-        c = run.first_cross
-        q, k, v, *q_cross = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
-        q = self.split_heads(q, self.heads, self.q_norm, run.weights)
-        k = self.split_heads(k, self.kv_heads, self.k_norm, run.weights)
-        v = self.split_heads(v, self.kv_heads)
+    def attention_inputs(self, x, run: Run, j: int):
+        """q [S,B,H,T,hd]; k, v over every cached slot (this call's written first); and the extra
+        query rows of a form that lives inside qkv (else None)."""
+        q, k, v, *extra = self.qkv(self.attn_norm(x, run.weights), run.weights).split(self.qkv_sizes, -1)
+        q, k, v = split_heads(q, self.heads), split_heads(k, self.kv_heads), split_heads(v, self.kv_heads)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, run.weights), self.k_norm(k, run.weights)
         if run.rope:
             q, k = apply_rope(q, *run.rope), apply_rope(k, *run.rope)
         if run.cache is not None:
-            k, v = run.cache.update_self(j, run.sections, run.slots, k, v)
-        if run.joint_mask is not None:  # parallel form, decode: self and cross heads in one call
-            x = x + self.o(merge_heads(self.joint_attend(q, q_cross[0], run, j)), run.weights)
-        elif self.parallel and c is not None:  # rows below c have no memory: zero cross-attention heads
-            heads = merge_heads(attend(q, k, v, run.self_mask))
-            cross = self.cross_attend(q_cross[0][c:], run, j)
-            heads = torch.cat([heads, torch.cat([cross.new_zeros(c, *cross.shape[1:]), cross]) if c else cross], -1)
-            x = x + self.o(heads, run.weights)
-        else:  # no cross heads here (sequential form, or no memory anywhere): o's self-attention columns
-            heads = merge_heads(attend(q, k, v, run.self_mask))
-            x = x + self.o(heads, run.weights, in_features=heads.shape[-1])
-        if not self.parallel and c is not None:
-            xc = x[c:]
-            xc = xc + self.cross_o(self.cross_attend(self.cross_q(self.cross_norm(xc, run.cross), run.cross), run, j),
-                                   run.cross)
-            x = torch.cat([x[:c], xc]) if c else xc
+            k, v = run.cache.update_self(j, run.rows, run.slots, k, v)
+        return q, k, v, (extra[0] if extra else None)
+
+    def self_attention(self, x, run: Run, j: int):
+        q, k, v, _ = self.attention_inputs(x, run, j)
+        heads = merge_heads(attend(q, k, v, run.self_mask))
+        return x + self.o(heads, run.weights, in_features=heads.shape[-1])
+
+    def forward(self, x, run: Run, j: int):  # x [S, B, T, d]
+        x = self.self_attention(x, run, j) if self.cross is None else self.cross(self, x, run, j)
         h = self.up(self.mlp_norm(x, run.weights), run.weights)
         if self.gated:
             gate, up = h.chunk(2, -1)
@@ -320,9 +162,12 @@ class StagForCausalLM(PreTrainedModel):
         self.embed = nn.Embedding(config.vocab_size, d)
         self.pos_embed = nn.Embedding(config.max_positions, d) if config.positions == "learned" else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.section_input = INPUTS[config.section_input](config, config.sections - 1) if config.sections > 1 else None
         self.mem_norm = StackedNorm(config.cross_sets, d, config.norm, config.norm_eps) if config.cross_sets else None
         self.final_norm = StackedNorm(1, d, config.norm, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
+        self.rope = RopeTable(config) if config.positions == "rope" else None
+        self.held = slice(0, config.sections)  # the sections whose weights this instance holds
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -339,18 +184,15 @@ class StagForCausalLM(PreTrainedModel):
             nn.init.normal_(module.weight, std=0.02)
 
     def added_weights(self) -> list[tuple[str, nn.Parameter, tuple | None]]:
-        """What staggering adds to the source decoder (cross-attention, memory norm), as (name,
-        parameter, index): index None for a whole parameter, else the part of a parameter the
-        parallel form shares with the source's weights (cross-query rows of qkv, cross-head columns
-        of o). Fine-tuning uses it for --train cross and --cross-lr-scale."""
-        added = [(n, p, None) for n, p in self.named_parameters() if n.startswith("mem_norm.") or ".cross_" in n]
-        if self.config.cross_sets and self.config.cross_attn == "parallel":
-            for j, block in enumerate(self.blocks):
-                rows, columns = sum(block.qkv_sizes[:3]), block.heads * self.config.head_dim
-                added.append((f"blocks.{j}.qkv.weight", block.qkv.weight, (slice(None), slice(rows, None))))
-                if block.qkv.bias is not None:
-                    added.append((f"blocks.{j}.qkv.bias", block.qkv.bias, (slice(None), slice(rows, None))))
-                added.append((f"blocks.{j}.o.weight", block.o.weight, (slice(None), slice(None), slice(columns, None))))
+        """What staggering adds to the source decoder, as (name, parameter, index): index None for a
+        whole parameter, else the part of one of the source's parameters a form lives in (the
+        parallel form's query rows of qkv and output columns of o). Fine-tuning uses it for
+        --train cross and --cross-lr-scale."""
+        added = [(n, p, None) for n, p in self.named_parameters()
+                 if n.startswith(("mem_norm.", "section_input.")) or ".cross." in n]
+        for j, block in enumerate(self.blocks):
+            for name, index in (block.cross.parts_in_block(block) if block.cross is not None else []):
+                added.append((f"blocks.{j}.{name}", block.get_parameter(name), index))
         return added
 
     def get_input_embeddings(self):
@@ -360,40 +202,28 @@ class StagForCausalLM(PreTrainedModel):
         self.embed = value
 
     # --- pieces shared by training and decoding -------------------------------------------------
-    def _run(self, sections: slice, positions, key_valid, q_slots, cache=None, memory=None) -> Run:
-        cfg = self.config
-        s0, s1 = sections.start, sections.stop
-        c0 = max(s0, 1)
-        rope = None
-        if cfg.positions == "rope":
-            rope = rope_tables(positions, rope_inv_freq(cfg, positions.device), self.embed.weight.dtype)
-        masks = attention_masks(key_valid, q_slots, cfg.window, cfg.sliding_window)
-        first_cross = c0 - s0 if s1 > c0 else None
-        joint_mask = head_scale = None
-        if cache is not None and cache.joint_k is not None and first_cross is not None and q_slots.numel() == 1:
-            joint_mask = torch.cat([masks[0], masks[1]], 1)
-            has_memory = masks[2][:, 0, :, 0].to(self.embed.weight.dtype)  # [B, T]
-            cross_scale = torch.stack([has_memory * (row >= first_cross) for row in range(s1 - s0)])
-            head_scale = torch.stack([torch.ones_like(cross_scale), cross_scale], 2)[:, :, :, None, :, None]
-        return Run(weights=slice(0, 1) if cfg.shared else sections,
-                   cross=slice(0, 1) if cfg.shared else slice(c0 - 1, s1 - 1),
-                   cross_rows=slice(c0 - 1, s1 - 1), first_cross=first_cross,
-                   sections=sections, rope=rope, self_mask=masks[0], cross_mask=masks[1],
-                   has_memory=masks[2], cache=cache, slots=q_slots, memory=memory,
-                   joint_mask=joint_mask, head_scale=head_scale)
-
-    def _cross_set(self, section: int) -> slice:
-        return slice(0, 1) if self.config.shared else slice(section - 1, section)
-
     def embed_tokens(self, input_ids, positions):
         x = self.embed(input_ids)
         return x + self.pos_embed(positions) if self.pos_embed is not None else x
 
-    def logits(self, hidden):
-        h = self.final_norm(hidden[None], slice(0, 1))[0]
-        return F.linear(h, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+    @property
+    def head_weight(self):
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def _blocks(self, x, run):
+    def final_hidden(self, hidden):
+        return self.final_norm(hidden[None], slice(0, 1))[0]
+
+    def logits(self, hidden):
+        return F.linear(self.final_hidden(hidden), self.head_weight)
+
+    def rope_for(self, place: Place):
+        return None if self.rope is None else self.rope(place.positions, place.length, self.embed.weight.dtype)
+
+    def run_blocks(self, x, sections: slice, place: Place, cache=None, memory=None, rope=None):
+        """Sections `sections` (global indices, rows of x [S, B, T, d]) through every depth.
+        memory: the normalised memory of the rows with cross-attention, for new slots (training,
+        prefill); a decode step writes it with write_memory instead."""
+        run = Run(self, sections, place, cache, memory, rope if rope is not None else self.rope_for(place))
         for j, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, run, j, use_reentrant=False)
@@ -401,56 +231,88 @@ class StagForCausalLM(PreTrainedModel):
                 x = block(x, run, j)
         return x
 
+    def _sets(self, sections: slice) -> slice:
+        """Local cross weight sets (and memory-norm / input sets) of the sections `sections` (all > 0)."""
+        h = max(self.held.start, 1)
+        return slice(0, 1) if self.config.shared else slice(sections.start - h, sections.stop - h)
+
+    def section_inputs(self, emb, prev_emb, prev_below, prev_ok, sections: slice):
+        """Inputs [C, B, T, d] of sections s > 0 (`sections`), from prev_below [C, B, T, d]."""
+        h = max(self.held.start, 1)
+        return self.section_input(emb, prev_emb, prev_below, prev_ok, slice(sections.start - h, sections.stop - h))
+
     # --- training / prefill: section after section over the whole sequence ----------------------
+    def place(self, input_ids, attention_mask=None, cache: StagCache | None = None) -> Place:
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if cache is not None:
+            return cache.reserve(valid)
+        T = input_ids.shape[1]
+        return Place(torch.arange(T, device=input_ids.device), (valid.long().cumsum(1) - 1).clamp(min=0), valid,
+                     torch.zeros_like(valid[:, 0]), T, valid)
+
+    def run_section(self, s: int, emb, below, place: Place, cache: StagCache | None = None):
+        """Section s over new tokens (embeddings emb [B, T, d]); below: section s-1's outputs on
+        them (None for s = 0). Returns [B, T, d]; with a cache, fills its K/V (prefill; then
+        remember_last() records what the next step's section inputs read)."""
+        x, memory = emb, None
+        if s > 0:
+            prev_below = torch.cat([(cache.last_out[s - 1] if cache is not None else torch.zeros_like(below[:, 0]))[:, None],
+                                    below[:, :-1]], 1)
+            prev_emb = torch.cat([(cache.last_emb if cache is not None else torch.zeros_like(emb[:, 0]))[:, None],
+                                  emb[:, :-1]], 1)
+            prev_ok = torch.cat([place.prev_valid[:, None], place.valid[:, :-1]], 1)
+            x = self.section_inputs(emb, prev_emb, prev_below[None], prev_ok, slice(s, s + 1))[0]
+            if self.mem_norm is not None:
+                memory = self.mem_norm(below[None], self._sets(slice(s, s + 1)))
+        return self.run_blocks(x[None], slice(s, s + 1), place, cache, memory)[0]
+
     def run_sections(self, input_ids, attention_mask=None, cache: StagCache | None = None,
                      memory_override=None):
         """Returns the last section's output [B, T, d]. With a cache, fills it (prefill).
         `memory_override` replaces the last section's memory source (recurrent reference)."""
-        cfg = self.config
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        if cache is None:
-            key_valid, slots = valid, torch.arange(input_ids.shape[1], device=input_ids.device)
-            positions, prev_valid = (valid.long().cumsum(1) - 1).clamp(min=0), torch.zeros_like(valid[:, 0])
-        else:
-            slots, positions, key_valid, prev_valid = cache.reserve(valid)
-        emb = self.embed_tokens(input_ids, positions)
-        prev_out = None
-        for s in range(cfg.sections):
-            x, memory = emb, None
-            if s > 0:
-                source = memory_override if (memory_override is not None and s == cfg.sections - 1) else prev_out
-                if cfg.lagged_input:
-                    x = emb + self._lag(emb, source, valid, prev_valid, cache, s)
-                memory = self.mem_norm(source[None], self._cross_set(s))
-            run = self._run(slice(s, s + 1), positions, key_valid, slots, cache, memory)
-            prev_out = self._blocks(x[None], run)[0]
-            if cache is not None:
-                cache.last_out[s] = prev_out[:, -1]
+        place = self.place(input_ids, attention_mask, cache)
+        emb = self.embed_tokens(input_ids, place.positions)
+        outputs = []
+        for s in range(self.config.sections):
+            last = s == self.config.sections - 1
+            below = memory_override if (memory_override is not None and last and s > 0) else (outputs or [None])[-1]
+            outputs.append(self.run_section(s, emb, below, place, cache))
         if cache is not None:
-            cache.last_emb.copy_(emb[:, -1])  # in place: a captured decode step reads this address
-        return prev_out
+            self.remember_last(cache, emb, dict(enumerate(outputs)))
+        return outputs[-1]
 
-    def _lag(self, emb, source, valid, prev_valid, cache, s):
-        """Lagged-residual input [ours]: u_{i-1} - E[x_{i-1}] from the section below, zero where
-        position i-1 does not exist. Approximates what layers below would have added."""
-        first_src = cache.last_out[s - 1] if cache is not None else torch.zeros_like(source[:, 0])
-        first_emb = cache.last_emb if cache is not None else torch.zeros_like(emb[:, 0])
-        prev_src = torch.cat([first_src[:, None], source[:, :-1]], 1)
-        prev_emb = torch.cat([first_emb[:, None], emb[:, :-1]], 1)
-        prev_ok = torch.cat([prev_valid[:, None], valid[:, :-1]], 1)
-        return (prev_src - prev_emb) * prev_ok[..., None].to(emb.dtype)
+    @staticmethod
+    def remember_last(cache: StagCache, emb, outputs: dict):
+        """After a prefill: the last position's embedding and section outputs {section: [B, T, d]},
+        read by the next step's section inputs (in place: a captured step reads these addresses)."""
+        for s, out in outputs.items():
+            cache.last_out[s] = out[:, -1]
+        cache.last_emb.copy_(emb[:, -1])
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **unused):
-        logits = self.logits(self.run_sections(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, labels=None, logits_to_keep: int = 0,
+                output_hidden_states: bool = False, **unused):
+        """As transformers' causal LMs: logits for the last `logits_to_keep` positions (0: all);
+        hidden_states = (last section's output, its final-normed form) when asked."""
+        hidden = self.run_sections(input_ids, attention_mask)
+        normed = self.final_hidden(hidden)
+        logits = F.linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.head_weight)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      hidden_states=(hidden, normed) if output_hidden_states else None)
+
+    def get_output_embeddings(self):
+        return self.embed if self.lm_head is None else self.lm_head
 
     # --- decoding: every section on the same token at once ---------------------------------------
     def new_cache(self, batch, max_len, dtype=None) -> StagCache:
-        return StagCache(self.config, batch, max_len, self.embed.weight.device, dtype or self.embed.weight.dtype)
+        held, cfg = self.held, self.config
+        form = FORMS.get(cfg.cross_attn) if cfg.cross_sets else None
+        return StagCache(cfg, batch, max_len, self.embed.weight.device, dtype or self.embed.weight.dtype,
+                         sections=held.stop - held.start, memories=held.stop - max(held.start, 1),
+                         joint=bool(form and form.joint_cache))
 
     @torch.no_grad()
     def prefill(self, input_ids, cache: StagCache, attention_mask=None):
@@ -465,25 +327,35 @@ class StagForCausalLM(PreTrainedModel):
         cache.claim(1)
         return self.decode_step(token, cache, recurrent, memory_kv)
 
-    def decode_step(self, token, cache: StagCache, recurrent: bool = False, memory_kv=None):
-        """step() without the host-side bounds check: tensor work only, no host syncs and no
-        python state that changes between steps, so it can be captured in a CUDA graph."""
+    def step_sections(self, token, cache: StagCache, recurrent: bool = False):
+        """The held sections (the last one only, when recurrent) on tokens [B] at the next slot.
+        Returns (outputs [S, B, d], place). Writes no memory: see write_memory."""
         cfg = self.config
         if recurrent and not (cfg.shared and cfg.sections > 1):
             raise ValueError("recurrent decoding needs a shared-weights model with >= 2 sections")
-        slots, positions, key_valid, prev_valid = cache.reserve_one()
-        emb = self.embed_tokens(token[:, None], positions)  # [B, 1, d]
-        first = cfg.sections - 1 if recurrent else 0
-        x = emb[None].expand(cfg.sections - first, -1, -1, -1)
-        if cfg.lagged_input and cfg.sections > 1:
-            lag = (cache.last_out[:-1] - cache.last_emb) * prev_valid[None, :, None].to(emb.dtype)
-            x = x + torch.cat([torch.zeros_like(lag[:1]), lag])[:, :, None]
-        out = self._blocks(x, self._run(slice(first, cfg.sections), positions, key_valid, slots, cache))[:, :, -1]
-        if cfg.sections > 1:  # section s's output becomes section s+1's memory at this slot
-            source = out[-1:] if recurrent else out[:-1]
-            self.write_memory(source, cache, slots, positions, memory_kv)
-        cache.last_out[first:] = out
+        place = cache.reserve_one()
+        emb = self.embed_tokens(token[:, None], place.positions)  # [B, 1, d]
+        sections = slice(cfg.sections - 1 if recurrent else self.held.start, self.held.stop)
+        x = emb[None].expand(sections.stop - sections.start, -1, -1, -1)
+        upper = slice(max(sections.start, 1), sections.stop)  # rows that read the section below
+        if upper.stop > upper.start and not recurrent:
+            inputs = self.section_inputs(emb, cache.last_emb[:, None], cache.last_out[upper.start - 1:upper.stop - 1, :, None],
+                                         place.prev_valid[:, None], upper)
+            x = torch.cat([x[:upper.start - sections.start], inputs]) if upper.start > sections.start else inputs
+        rope = self.rope_for(place)
+        out = self.run_blocks(x, sections, place, cache, rope=rope)[:, :, -1]
+        cache.last_out[sections] = out
         cache.last_emb.copy_(emb[:, -1])
+        place.rope = rope
+        return out, place
+
+    def decode_step(self, token, cache: StagCache, recurrent: bool = False, memory_kv=None):
+        """step() without the host-side bounds check: tensor work only, no host syncs and no
+        python state that changes between steps, so it can be captured in a CUDA graph."""
+        out, place = self.step_sections(token, cache, recurrent)
+        if self.config.cross_sets:  # section s's output becomes section s+1's memory at this slot
+            sections = slice(self.config.sections - 1, self.config.sections) if recurrent else slice(1, self.config.sections)
+            self.write_memory(out[-1:] if recurrent else out[:-1], cache, place, sections, memory_kv)
         return self.logits(out[-1])
 
     def memory_kv_weights(self):
@@ -492,31 +364,26 @@ class StagForCausalLM(PreTrainedModel):
         rebuild it after the weights change."""
         if not self.config.cross_sets:
             return None
-        weight = torch.cat([b.cross_kv.weight for b in self.blocks], 1).detach()
-        biases = [b.cross_kv.bias for b in self.blocks]
+        weight = torch.cat([b.cross.kv.weight for b in self.blocks], 1).detach()
+        biases = [b.cross.kv.bias for b in self.blocks]
         bias = None if biases[0] is None else torch.cat(biases, 1).detach()
         k_norm = None  # [C, depth, hd]
         if self.config.qk_norm:
-            k_norm = torch.stack([b.cross_k_norm.weight for b in self.blocks], 1).detach()
+            k_norm = torch.stack([b.cross.k_norm.weight for b in self.blocks], 1).detach()
         return weight, bias, k_norm
 
-    def write_memory(self, source, cache, slots, positions, memory_kv=None, rows: slice | None = None):
-        """K/V of every depth's cross-attention for outputs `source` [C, B, d] at `slots`.
-        With memory_kv (see memory_kv_weights) all depths come from one GEMM and two copies.
-        `rows`: the cache's memory rows to write (default: the last C)."""
+    def write_memory(self, source, cache, place: Place, sections: slice, memory_kv=None):
+        """K/V of every depth's cross-attention for the memory of `sections` (global, all > 0) from
+        the outputs of the sections below them, source [C, B, d], at this step's slot. With
+        memory_kv (see memory_kv_weights) all depths come from one GEMM and two copies."""
         cfg = self.config
-        cross = slice(0, 1) if cfg.shared else slice(cfg.sections - 1 - source.shape[0], cfg.sections - 1)
-        if memory_kv is not None and memory_kv[0].shape[0] == 1:
-            cross = slice(0, 1)  # weights already narrowed to one set (shared, or one rank's section)
+        cross, h = self._sets(sections), max(self.held.start, 1)
+        rows = slice(sections.start - h, sections.stop - h)
         memory = self.mem_norm(source[:, :, None], cross)
-        rope = None
-        if cfg.positions == "rope":
-            rope = rope_tables(positions, rope_inv_freq(cfg, positions.device), memory.dtype)
-        n = cache.mem_k.shape[1]
-        rows = rows or slice(n - memory.shape[0], n)
+        rope = place.rope if place.rope is not None else self.rope_for(place)
         if memory_kv is None:
             for j, block in enumerate(self.blocks):
-                cache.update_memory(j, rows, slots, *block.memory_kv(memory, cross, rope))
+                cache.update_memory(j, rows, place.slots, *block.cross.memory_kv(memory, cross, rope))
             return
         weight, bias, k_norm = memory_kv
         weight, bias = weight[cross], None if bias is None else bias[cross]
@@ -536,8 +403,8 @@ class StagForCausalLM(PreTrainedModel):
         if rope:
             cos, sin = rope  # [B, 1, hd] -> broadcast over [D, C, B, kvh, 1, hd]
             k = apply_rope(k.flatten(0, 1), cos, sin).view(k.shape)
-        cache.mem_k[:, rows].index_copy_(4, slots, k.to(cache.mem_k.dtype))
-        cache.mem_v[:, rows].index_copy_(4, slots, v.to(cache.mem_v.dtype))
+        cache.mem_k[:, rows].index_copy_(4, place.slots, k.to(cache.mem_k.dtype))
+        cache.mem_v[:, rows].index_copy_(4, place.slots, v.to(cache.mem_v.dtype))
 
 
 # `AutoModelForCausalLM.from_pretrained(dir)` works on stag output once this module is imported.

@@ -1,5 +1,7 @@
-"""Fine-tuning on Hugging Face Accelerate: `finetune()` trains an in-memory model; `finetune_paths()`
-loads one (staggered or plain) from disk first; `load_recipe()` reads a YAML recipe.
+"""Fine-tuning on Hugging Face Accelerate, as a recipe class (torchtune style): `FineTune` with
+setup / step / evaluate / save / finish, losses as objects (losses.py), callbacks for progress.
+`finetune()` runs one on an in-memory model; `finetune_paths()` loads the model (staggered or
+plain) and the teacher from disk first.
 
 One optimizer step consumes a global batch of batch_size x grad_accum x processes packed sequences.
 Their positions in the data stream are a pure function of (seed, step): the stream is the training
@@ -7,11 +9,16 @@ sequences in a fresh seeded permutation per epoch, and step s takes positions [(
 step number IS the data position, a 2-process run sees exactly the sequences a 1-process run with
 the same global batch sees, and a resumed run continues bit-for-bit.
 
+Speed and memory: bf16 autocast wherever the hardware multiplies bf16 natively (GPUs, and CPUs
+with AVX512-BF16 or AMX), master weights and optimizer state in fp32; the teacher in bf16 under
+no_grad; the LM loss and the distillation KL computed chunk by chunk from the final hidden states,
+so no full [batch, length, vocab] logits exist (losses.HeadLoss).
+
 Layout of OUT:
     run.json                     how the run was started (model, teacher, TrainConfig)
     metrics.jsonl                one row per step (+ held-out loss/perplexity when evaluated)
     checkpoints/step-00000200/   Accelerate state (model, optimizer, scheduler, RNG per process)
-                                 + trainer_state.json; written as .tmp-step-... then renamed
+                                 + trainer_state.json; written under a temporary name, then renamed
     config.json, model.safetensors, tokenizer files, stag_recipe.json   the final model
 """
 from __future__ import annotations
@@ -20,93 +27,84 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
+import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .data import HELDOUT_FRACTION, PackedData, build_data
 from .errors import StagError
+from .files import move_into, publish, remove, scratch_dir, write_json, write_text
+from .losses import Batch, HeadLoss, lm_loss_sum
+from .options import check_choices, from_dict, option
 
-TRAIN_CHOICES = ("all", "cross")
 SHARED_CROSS_LR_SCALE = 0.1  # measured on SmolLM2 (docs/finetune.md): 1 wrecks the start, 0.1 does not
-PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULT_SEQ_LEN = 512
 NO_CROSS = ("--train cross: this model has no cross-attention (a plain, unconverted model or one section); "
             "use --train all")
 FUSED_CROSS = ("--train cross: this model's cross-attention (--cross-attn parallel) shares its qkv and o weights "
                "with self-attention; use --train all, with --cross-lr-scale to slow the added parts")
+H_DATA = ("Training text: a corpus name (kjv:train), a file, a directory (all files under it), a glob, "
+          "or JSONL with a 'text' field. Repeat or comma-separate for several. Tokenized once and cached "
+          "under $STAG_CACHE/tokenized, packed into --seq-len sequences.")
 
 
 @dataclass
 class TrainConfig:
-    data: list = field(default_factory=list)  # corpus names, files, directories, globs
-    heldout: Optional[list] = None            # same kinds; None: carve HELDOUT_FRACTION off the end
-    heldout_fraction: float = HELDOUT_FRACTION
-    seq_len: Optional[int] = None             # None: min(512, the model's max_positions)
-    batch_size: int = 8                       # sequences per micro-batch per process
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1                 # cosine decays to lr * min_lr_ratio
-    warmup_steps: Optional[int] = None        # None: 5% of the steps
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_steps: Optional[int] = None
-    max_tokens: Optional[int] = None          # token budget; with max_steps, the smaller wins
-    epochs: float = 1.0                       # used only when neither budget is given
-    train: str = "all"                        # all | cross (only cross-attention + memory norm)
-    cross_lr_scale: Optional[float] = None    # lr multiplier of what staggering added; None: see validate()
-    gradient_checkpointing: bool = False
-    distill_from: Optional[str] = None        # teacher path/alias (recorded; finetune() takes the model)
-    distill_alpha: float = 0.5                # loss = (1-a) LM + a T^2 KL(teacher || student)
-    distill_temperature: float = 1.0
-    save_every: int = 200
-    keep_checkpoints: int = 1
-    eval_every: int = 100
-    eval_sequences: int = 64                  # held-out sequences per evaluation (a fixed prefix)
-    precision: str = "auto"                   # auto: bf16 autocast on CUDA, fp32 on CPU
-    seed: int = 0
+    data: list = option([], H_DATA, flags=("--data", "-d"))
+    heldout: Optional[list] = option(None, "Held-out text (same kinds as --data), never trained on. Default: "
+                                           "the last --heldout-fraction of the packed --data sequences.")
+    heldout_fraction: float = option(HELDOUT_FRACTION, "Share of packed sequences held out when no --heldout "
+                                                       "is given.")
+    seq_len: Optional[int] = option(None, "Tokens per packed sequence; at most the model's max_positions.",
+                                    default_text="min(512, max_positions)")
+    batch_size: int = option(8, "Sequences per micro-batch per process.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = option(3e-4, "Peak AdamW learning rate.")
+    min_lr_ratio: float = option(0.1, "Cosine decay ends at lr x this.")
+    warmup_steps: Optional[int] = option(None, "Linear warmup steps.", default_text="5% of the steps")
+    weight_decay: float = option(0.01, "AdamW weight decay, not applied to norms and biases.")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this.")
+    max_steps: Optional[int] = option(None, "Stop after this many optimizer steps.")
+    max_tokens: Optional[int] = option(None, "Token budget (global batch x seq-len per step); with "
+                                             "--max-steps the smaller wins.")
+    epochs: float = option(1.0, "Passes over the data when neither --max-steps nor --max-tokens is given.")
+    train: str = option("all", "all: train every weight. cross: train only what staggering added "
+                               "(cross-attention, memory norm; not for --cross-attn parallel models).",
+                        choices=("all", "cross"))
+    cross_lr_scale: Optional[float] = option(
+        None, "Learning-rate multiplier for the weights staggering added (cross-attention, memory norm). Below 1 "
+              "it keeps Adam's first steps on the zero-initialised cross-attention output from jolting a model "
+              "that starts at the source's quality (shared mode); 0 freezes them.",
+        default_text="0.1 for converted shared-weights models, 1 otherwise")
+    gradient_checkpointing: bool = option(False, "Recompute activations per block in the backward pass: less "
+                                                 "memory, slower (docs/finetune.md).")
+    distill_from: Optional[str] = option(None, "Teacher (e.g. the unconverted source model): add the KL "
+                                               "divergence to its logits to the LM loss.")
+    distill_alpha: float = option(0.5, "loss = (1-alpha) LM + alpha KL.")
+    distill_temperature: float = option(1.0, "Softmax temperature T of the KL term, scaled by T^2.")
+    save_every: int = option(200, "Checkpoint every N steps (and at the end).")
+    save_every_minutes: float = option(15.0, "Also checkpoint when this many minutes have passed since the "
+                                             "last save (0: only every N steps).")
+    keep_checkpoints: int = option(1, "Checkpoints kept on disk.")
+    eval_every: int = option(100, "Held-out perplexity every N steps (and at the start and end).")
+    eval_sequences: int = option(64, "Held-out sequences per evaluation (a fixed prefix).")
+    precision: str = option("auto", "auto: bf16 mixed precision where the hardware multiplies bf16 natively "
+                                    "(GPUs; CPUs with AVX512-BF16 or AMX), else fp32. bf16 / fp32 force it.",
+                            choices=("auto", "bf16", "fp32"))
+    seed: int = option(0, "Seed of the data order.")
 
     @classmethod
     def from_dict(cls, values: dict, where: str = "options") -> "TrainConfig":
         """Build from loose values (YAML, JSON, CLI), converting types; unknown keys are an error."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise StagError(f"unknown finetune option(s) in {where}: {', '.join(unknown)}; "
-                            f"known: {', '.join(fields)}")
-        return cls(**{k: _coerce(k, fields[k].type, v) for k, v in values.items()})
+        return from_dict(cls, values, where, what="finetune option")
 
 
 # Options that do not change which weights come out; everything else must match on --resume.
-BOOKKEEPING = {"save_every", "keep_checkpoints", "eval_every", "eval_sequences"}
-
-
-def _coerce(name, kind: str, value):
-    if value is None:
-        return None
-    try:
-        if "list" in kind:
-            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-        if "bool" in kind:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if "int" in kind:
-            as_float = float(value)  # accepts 2e6 and 20_000_000 from YAML
-            if as_float != int(as_float):
-                raise ValueError
-            return int(as_float)
-        if "float" in kind:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise StagError(f"option {name}: cannot read {value!r} as {kind.replace('Optional[', '').rstrip(']')}") from None
+BOOKKEEPING = {"save_every", "save_every_minutes", "keep_checkpoints", "eval_every", "eval_sequences"}
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -131,22 +129,19 @@ def validate(cfg: TrainConfig, model) -> TrainConfig:
     for name in ("max_steps", "max_tokens"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise StagError(f"--{name.replace('_', '-')} must be >= 1, not {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.epochs <= 0:
-        raise StagError("--lr and --epochs must be > 0")
+    if cfg.lr <= 0 or cfg.epochs <= 0 or cfg.save_every_minutes < 0:
+        raise StagError("--lr and --epochs must be > 0, --save-every-minutes >= 0")
     if cfg.cross_lr_scale is None:
         cfg = dataclasses.replace(cfg, cross_lr_scale=default_cross_lr_scale(model, cfg.train))
     if cfg.cross_lr_scale < 0:
         raise StagError(f"--cross-lr-scale must be >= 0, not {cfg.cross_lr_scale}")
-    if cfg.train not in TRAIN_CHOICES:
-        raise StagError(f"--train must be one of {', '.join(TRAIN_CHOICES)}, not '{cfg.train}'")
+    check_choices(cfg)
     if cfg.train == "cross":
         added = added_weights(model)
         if not added:
             raise StagError(NO_CROSS)
         if any(index is not None for _, _, index in added):
             raise StagError(FUSED_CROSS)
-    if cfg.precision not in PRECISIONS:
-        raise StagError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{cfg.precision}'")
     if not 0 <= cfg.distill_alpha <= 1 or cfg.distill_temperature <= 0:
         raise StagError("--distill-alpha must be in [0, 1] and --distill-temperature > 0")
     return cfg
@@ -162,6 +157,20 @@ def default_cross_lr_scale(model, train: str) -> float:
     return SHARED_CROSS_LR_SCALE if getattr(cfg, "shared", False) and converted and train == "all" else 1.0
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmul on this CPU (AVX512-BF16 or AMX): there bf16 autocast is ~2x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def use_bf16(precision: str) -> bool:
+    return precision == "bf16" or (precision == "auto" and (torch.cuda.is_available() or cpu_has_bf16()))
+
+
+# --- what trains, and how fast ------------------------------------------------------------------
 def added_weights(model) -> list:
     """(name, parameter, index) of what staggering added (see StagForCausalLM.added_weights); none
     for a plain transformers model."""
@@ -185,10 +194,10 @@ def trainable_parameters(model, which: str) -> list[tuple[str, torch.nn.Paramete
 
 
 def parameter_groups(trained, model, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: no weight decay on norms and biases; the weights staggering added (cross-attention,
-    memory norm) at lr x cross_lr_scale. Why a scale: the cross-attention output starts at zero, and
-    Adam's first updates move every element of it by ~lr at once, a jolt to a converted model that
-    otherwise starts at the source's quality (docs/finetune.md)."""
+    """AdamW groups: no weight decay on norms and biases; the weights staggering added at
+    lr x cross_lr_scale. Why a scale: the cross-attention output starts at zero, and Adam's first
+    updates move every element of it by ~lr at once, a jolt to a converted model that otherwise
+    starts at the source's quality (docs/finetune.md)."""
     whole = {name for name, _, index in added_weights(model) if index is None} if cfg.cross_lr_scale != 1 else set()
     groups: dict[tuple, list] = {}  # at scale 1: the same two groups as before the option existed
     for name, p in trained:
@@ -200,9 +209,9 @@ def parameter_groups(trained, model, cfg: TrainConfig) -> list[dict]:
 
 
 class PartLrScale:
-    """lr x scale for PARTS of parameters (the parallel form's cross-attention rows of qkv and columns
-    of o), which optimizer groups cannot express: after each step those parts are pulled back towards
-    their values before it, so they move `scale` times as far as AdamW moved them."""
+    """lr x scale for PARTS of parameters (a form that lives inside the source's qkv and o), which
+    optimizer groups cannot express: after each step those parts are pulled back towards their
+    values before it, so they move `scale` times as far as AdamW moved them."""
 
     def __init__(self, model, trained, scale: float):
         trained_ids = {id(p) for _, p in trained}
@@ -217,6 +226,13 @@ class PartLrScale:
     def apply(self):
         for (p, index), old in zip(self.parts, self.before):
             p.detach()[index].lerp_(old, 1 - self.scale)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, else resident memory (RSS)."""
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # --- the data stream ------------------------------------------------------------------------------
@@ -241,34 +257,7 @@ class BatchStream:
         return self.train[torch.stack(rows)]
 
 
-# --- losses -----------------------------------------------------------------------------------------
-def distill_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
-    """T^2 * KL(teacher || student) per predicted token (positions that have a next token)."""
-    s = (student_logits[:, :-1].float() / temperature).log_softmax(-1).flatten(0, 1)
-    t = (teacher_logits[:, :-1].float() / temperature).log_softmax(-1).flatten(0, 1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
-
-
-@torch.no_grad()
-def heldout_loss(model, heldout: torch.Tensor, batch_size: int, accelerator, max_sequences: int) -> float:
-    """Mean next-token loss over the first max_sequences held-out sequences, split over processes."""
-    was_training = model.training
-    model.eval()
-    mine = heldout[:max_sequences][accelerator.process_index::accelerator.num_processes]
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for i in range(0, len(mine), batch_size):
-        ids = mine[i:i + batch_size].to(accelerator.device)
-        with accelerator.autocast():
-            logits = model(ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-        total += torch.stack([loss.double(), torch.tensor(ids[:, 1:].numel(), dtype=torch.float64,
-                                                          device=accelerator.device)])
-    total = accelerator.reduce(total, "sum")
-    model.train(was_training)
-    return (total[0] / total[1]).item()
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
+# --- checkpoints and the run directory ------------------------------------------------------------
 def checkpoint_dirs(out: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a half-written one is never named step-*)."""
     root = Path(out) / "checkpoints"
@@ -283,53 +272,11 @@ def last_checkpoint(out) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep: int) -> Path:
-    root = out / "checkpoints"
-    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))  # every process writes its own RNG state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-        if final.exists():  # re-saving the same step after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _write_final_model(model, tokenizer, out: Path, recipe: dict):
-    """save_pretrained into a temporary folder, then move the files into OUT, config.json last, so a
-    directory with a config.json always holds complete weights."""
-    tmp = out / ".final-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.stag_recipe = recipe
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / "stag_recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
-
-
-def _rewrite_metrics(path: Path, up_to_step: int):
-    """On resume: drop rows for steps after the checkpoint (they will be recomputed)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= up_to_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(r + "\n" for r in kept))
-    os.replace(tmp, path)
-
-
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints", "config.json")
+
+
+def holds_run(out: Path) -> bool:
+    return Path(out).is_dir() and any((Path(out) / m).exists() for m in RUN_MARKERS)
 
 
 def process_state():
@@ -339,212 +286,377 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-# --- the training loop ----------------------------------------------------------------------------
-def finetune(model, tokenizer, cfg: TrainConfig, out_dir, teacher=None, resume: bool = False,
-             report: Optional[Callable[[str, dict], None]] = None, data: Optional[PackedData] = None,
-             run_info: Optional[dict] = None) -> dict:
-    """Train `model` (a PreTrainedModel returning .loss/.logits, e.g. StagForCausalLM) on cfg.data and
-    write the final model to out_dir. `teacher`: a model with the same vocabulary to distil from.
-    `report(event, info)` is called on the main process with events start, eval, step, checkpoint, done.
-    Returns a summary dict. Works unchanged under `accelerate launch` / torchrun (data parallel)."""
-    from accelerate import Accelerator
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+def hidden_and_head(model, ids):
+    """Final (normed) hidden states [B, T, d] and the output head weight [V, d], for stag models and
+    transformers' causal LMs alike. Goes through the model's own forward (DDP needs that); logits
+    only for the last position (logits_to_keep=1), the rest is the losses' job."""
+    out = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+    inner = getattr(model, "module", model)  # DDP-wrapped or not
+    return out.hidden_states[-1], inner.get_output_embeddings().weight
 
-    out = Path(out_dir)
-    cfg = validate(cfg, model)
-    report = report or (lambda event, info: None)
-    if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
-        raise StagError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
-                        f"model's ({model.config.vocab_size}): cannot distil")
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available())
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available())
-    main = accelerator.is_main_process
-    resume_from = None
-    if resume:
-        resume_from = last_checkpoint(out)
-        if resume_from is None:
-            raise StagError(f"--resume: {out} holds no checkpoint (checkpoints/step-*) to resume from")
-        saved_options = json.loads((resume_from / "trainer_state.json").read_text())["config"]
-        saved_options.setdefault("cross_lr_scale", 1.0)  # runs from before the option trained at lr x 1
-        saved = TrainConfig.from_dict(saved_options)
-        changed = [f.name for f in dataclasses.fields(cfg)
-                   if f.name not in BOOKKEEPING and getattr(cfg, f.name) != getattr(saved, f.name)]
-        if changed:
-            name = changed[0]
-            raise StagError(f"--resume continues the saved run, but --{name.replace('_', '-')} differs "
-                            f"(saved {getattr(saved, name)!r}, given {getattr(cfg, name)!r})")
-    elif out.exists() and any((out / m).exists() for m in RUN_MARKERS):
-        raise StagError(f"{out} already holds a fine-tuning run; pass --resume to continue it, "
-                        "or choose a new output directory")
-    accelerator.wait_for_everyone()  # every process has looked at OUT before the main one writes to it
 
-    if data is None:
-        if not cfg.data:
-            raise StagError("no training data: pass --data (a file, directory, glob, JSONL or corpus like kjv:train)")
-        if tokenizer is None:
-            raise StagError("the model has no tokenizer to read the data with; pass --tokenizer PATH")
-        with accelerator.main_process_first():  # the main process tokenizes and caches, the rest read
-            data = build_data(cfg.data, tokenizer, cfg.seq_len, cfg.heldout, cfg.heldout_fraction)
-    if data.seq_len != cfg.seq_len:
-        raise StagError(f"the given data has sequences of {data.seq_len} tokens, not --seq-len {cfg.seq_len}")
-    top = int(max(data.train.max(), data.heldout.max()))
-    if top >= model.config.vocab_size:
-        raise StagError(f"the tokenizer produces token id {top}, beyond the model's vocabulary "
-                        f"({model.config.vocab_size}): wrong tokenizer for this model?")
+# --- the recipe -----------------------------------------------------------------------------------
+class Callback:
+    """Progress hooks of a FineTune (all optional). Raising from one stops the run, as a kill would."""
 
-    if main:  # only now that the inputs are known to be good
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (out / "checkpoints").glob(".tmp-step-*"):  # from a run killed while saving
-            shutil.rmtree(stale, ignore_errors=True)
+    def on_phase(self, text: str): ...
+    def on_start(self, info: dict): ...
+    def on_eval_start(self, batches: int): ...
+    def on_eval_batch(self, done: int): ...
+    def on_eval(self, row: dict): ...
+    def on_step(self, row: dict): ...
+    def on_checkpoint(self, step: int, path: Path): ...
+    def on_finish(self, summary: dict): ...
 
-    stream = BatchStream(data.train, cfg.batch_size, cfg.grad_accum, accelerator.num_processes, cfg.seed)
-    tokens_per_step = stream.global_batch * cfg.seq_len
-    budgets = [b for b in (cfg.max_steps, cfg.max_tokens and math.ceil(cfg.max_tokens / tokens_per_step)) if b]
-    total_steps = min(budgets) if budgets else max(1, math.ceil(cfg.epochs * len(data.train) / stream.global_batch))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * total_steps)
 
-    trained = trainable_parameters(model, cfg.train)
-    optimizer = torch.optim.AdamW(parameter_groups(trained, model, cfg), lr=cfg.lr)
-    part_lr = PartLrScale(model, trained, cfg.cross_lr_scale)
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total_steps,
-                                                            min_lr_rate=cfg.min_lr_ratio)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
-    accelerator.register_for_checkpointing(scheduler)
-    if teacher is not None:
-        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-    trained_params = [p for _, p in trained]
+class FineTune:
+    """Train `model` (a StagForCausalLM, or any transformers causal LM) on cfg.data and write the
+    final model to out_dir. `teacher`: a model with the same vocabulary to distil from. Works
+    unchanged under `accelerate launch` / torchrun (data parallel)."""
 
-    metrics_path = out / "metrics.jsonl"
-    step, tokens = 0, 0
-    if resume_from is not None:
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        if state["processes"] != accelerator.num_processes:
-            raise StagError(f"--resume: the checkpoint was made with {state['processes']} process(es); "
-                            f"resume with the same number (now {accelerator.num_processes})")
-        accelerator.load_state(str(resume_from))
-        step, tokens = state["step"], state["tokens"]
-        if main:
-            _rewrite_metrics(metrics_path, step)
-    elif main:
-        (out / "run.json").write_text(json.dumps({**(run_info or {}), "config": dataclasses.asdict(cfg)},
-                                                 indent=2) + "\n")
-        metrics_path.unlink(missing_ok=True)
+    def __init__(self, model, tokenizer, cfg: TrainConfig, out_dir, teacher=None, resume: bool = False,
+                 force: bool = False, callbacks=(), data: Optional[PackedData] = None,
+                 run_info: Optional[dict] = None):
+        self.model, self.tokenizer, self.cfg, self.out = model, tokenizer, cfg, Path(out_dir)
+        self.teacher, self.resume, self.force, self.data, self.run_info = teacher, resume, force, data, run_info or {}
+        self.callbacks = list(callbacks)
+        self.loss = None
+        self.step_no = self.tokens = 0
+        self.last_saved: Optional[Path] = None
 
-    def log(row):
-        if main:
-            with metrics_path.open("a") as f:
+    def emit(self, event: str, *args):
+        if self.main:
+            for cb in self.callbacks:
+                getattr(cb, event)(*args)
+
+    # --- setup ------------------------------------------------------------------------------------
+    def setup(self):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
+        from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+        cfg = self.cfg = validate(self.cfg, self.model)
+        model, teacher = self.model, self.teacher
+        if teacher is not None and teacher.config.vocab_size != model.config.vocab_size:
+            raise StagError(f"the teacher's vocabulary ({teacher.config.vocab_size}) differs from the "
+                            f"model's ({model.config.vocab_size}): cannot distil")
+        self.bf16 = use_bf16(cfg.precision)
+        # Accelerate keeps one precision per process; a later run in the same process (tests, stag
+        # experiment) may want another. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no",
+                                             cpu=not torch.cuda.is_available())
+        self.main = acc.is_main_process
+        self.resume_from = self._check_out_dir()
+        acc.wait_for_everyone()  # every process has looked at OUT before the main one writes to it
+        self._load_data()
+        if self.main:  # only now that the inputs are known to be good
+            if self.force and not self.resume and holds_run(self.out):
+                for old in [*RUN_MARKERS, "stag_recipe.json", *(f.name for f in self.out.glob("*.safetensors"))]:
+                    remove(self.out / old)
+            self.out.mkdir(parents=True, exist_ok=True)
+            for stale in (self.out / "checkpoints").glob(".tmp-step-*"):  # a save killed midway
+                remove(stale)
+
+        self.stream = BatchStream(self.data.train, cfg.batch_size, cfg.grad_accum, acc.num_processes, cfg.seed)
+        self.tokens_per_step = self.stream.global_batch * cfg.seq_len
+        budgets = [b for b in (cfg.max_steps, cfg.max_tokens and math.ceil(cfg.max_tokens / self.tokens_per_step)) if b]
+        self.total_steps = min(budgets) if budgets else max(
+            1, math.ceil(cfg.epochs * len(self.data.train) / self.stream.global_batch))
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * self.total_steps)
+
+        self.trained = trainable_parameters(model, cfg.train)
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.trained, model, cfg), lr=cfg.lr)
+        self.part_lr = PartLrScale(model, self.trained, cfg.cross_lr_scale)
+        self.scheduler = get_cosine_with_min_lr_schedule_with_warmup(self.optimizer, warmup, self.total_steps,
+                                                                     min_lr_rate=cfg.min_lr_ratio)
+        if hasattr(model, "gradient_checkpointing") and not callable(model.gradient_checkpointing):
+            model.gradient_checkpointing = cfg.gradient_checkpointing
+        elif cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
+        acc.register_for_checkpointing(self.scheduler)
+        if teacher is not None:
+            # under the same autocast as the student: bf16 matmuls, fp32 residual stream, so a student
+            # that equals its teacher (a shared conversion) gets KL ~ 0, not bf16 rounding noise
+            self.teacher = teacher.to(acc.device).eval().requires_grad_(False)
+        self.loss = HeadLoss(cfg.distill_alpha if teacher is not None else 0.0, cfg.distill_temperature)
+        self.metrics_path = self.out / "metrics.jsonl"
+        if self.resume_from is not None:
+            state = json.loads((self.resume_from / "trainer_state.json").read_text())
+            if state["processes"] != acc.num_processes:
+                raise StagError(f"--resume: the checkpoint was made with {state['processes']} process(es); "
+                                f"resume with the same number (now {acc.num_processes})")
+            acc.load_state(str(self.resume_from))
+            self.step_no, self.tokens = state["step"], state["tokens"]
+            if self.main:
+                self._rewrite_metrics(self.step_no)
+        elif self.main:
+            write_json(self.out / "run.json", {**self.run_info, "config": dataclasses.asdict(cfg)})
+            self.metrics_path.unlink(missing_ok=True)
+        self.last_saved = self.resume_from
+
+    def _check_out_dir(self) -> Optional[Path]:
+        """The checkpoint to resume from (None: start fresh), or a StagError for an OUT in the way."""
+        out, cfg = self.out, self.cfg
+        if self.resume:
+            found = last_checkpoint(out)
+            if found is None:
+                if not (out / "run.json").is_file():
+                    raise StagError(f"--resume: {out} holds no checkpoint (checkpoints/step-*) to resume from")
+                self.emit("on_phase", f"{out} was stopped before its first checkpoint: starting it over")
+                self.force = True  # nothing to resume: the run starts over in the same directory
+                self.resume = False
+                return None
+            saved_options = json.loads((found / "trainer_state.json").read_text())["config"]
+            saved_options.setdefault("cross_lr_scale", 1.0)  # runs from before the option trained at lr x 1
+            saved = TrainConfig.from_dict({k: v for k, v in saved_options.items()
+                                           if k in {f.name for f in dataclasses.fields(TrainConfig)}})
+            changed = [f.name for f in dataclasses.fields(cfg)
+                       if f.name not in BOOKKEEPING and getattr(cfg, f.name) != getattr(saved, f.name)]
+            if changed:
+                name = changed[0]
+                raise StagError(f"--resume continues the saved run, but --{name.replace('_', '-')} differs "
+                                f"(saved {getattr(saved, name)!r}, given {getattr(cfg, name)!r})")
+            return found
+        if holds_run(out) and not self.force:
+            raise StagError(f"{out} already holds a fine-tuning run; pass --resume to continue it, "
+                            "--force to start it over, or choose a new output directory")
+        if out.exists() and not out.is_dir():
+            raise StagError(f"{out} exists and is not a directory")
+        return None
+
+    def _load_data(self):
+        if self.data is None:
+            cfg = self.cfg
+            if not cfg.data:
+                raise StagError("no training data: pass --data (a file, directory, glob, JSONL or corpus like kjv:train)")
+            if self.tokenizer is None:
+                raise StagError("the model has no tokenizer to read the data with; pass --tokenizer PATH")
+            self.emit("on_phase", "reading and tokenizing the data")
+            with self.accelerator.main_process_first():  # the main process tokenizes and caches, the rest read
+                self.data = build_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.heldout, cfg.heldout_fraction)
+        data = self.data
+        if data.seq_len != self.cfg.seq_len:
+            raise StagError(f"the given data has sequences of {data.seq_len} tokens, not --seq-len {self.cfg.seq_len}")
+        top = int(max(data.train.max(), data.heldout.max()))
+        if top >= self.model.config.vocab_size:
+            raise StagError(f"the tokenizer produces token id {top}, beyond the model's vocabulary "
+                            f"({self.model.config.vocab_size}): wrong tokenizer for this model?")
+
+    # --- the pieces of a run ----------------------------------------------------------------------
+    def losses(self, ids):
+        """(objective, {term: value}) for one micro-batch."""
+        hidden, head = hidden_and_head(self.model, ids)
+        t_hidden = t_head = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_hidden, t_head = hidden_and_head(self.teacher, ids)
+        return self.loss(Batch(ids, hidden, head, t_hidden, t_head))
+
+    def step(self) -> dict:
+        """One optimizer step; returns its metrics row."""
+        acc, cfg = self.accelerator, self.cfg
+        self.step_no += 1
+        t0 = time.time()
+        lr = self.scheduler.get_last_lr()[0]
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            ids = self.stream.batch(self.step_no, micro, acc.process_index).to(acc.device)
+            sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch
+            with (contextlib.nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+                total, terms = self.losses(ids)
+                acc.backward(total / cfg.grad_accum)
+            for name, value in {"loss": total, **terms}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float() / cfg.grad_accum
+        names = list(sums)
+        reduced = acc.reduce(torch.stack([sums[n] for n in names]), "mean")
+        grad_norm = acc.clip_grad_norm_([p for _, p in self.trained], cfg.grad_clip)
+        if not (torch.isfinite(reduced).all() and torch.isfinite(grad_norm)):
+            kept = (f"the last good checkpoint is {self.last_saved} (continue with --resume)" if self.last_saved
+                    else "no checkpoint had been saved yet")
+            raise StagError(f"loss became NaN/inf at step {self.step_no}: training stopped; {kept}")
+        self.part_lr.save()
+        self.optimizer.step()
+        self.part_lr.apply()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.tokens += self.tokens_per_step
+        self.session_tokens += self.tokens_per_step
+        self.train_time += time.time() - t0
+        row = {"step": self.step_no, "tokens": self.tokens, "lr": lr, "grad_norm": grad_norm.item(),
+               **{n: v.item() for n, v in zip(names, reduced)},
+               "tokens_per_s": self.session_tokens / self.train_time, "elapsed_s": round(time.time() - self.started, 3),
+               "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
+        if self.teacher is None:
+            row.pop("lm_loss", None)  # the loss IS the LM loss
+        return row
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the first eval_sequences held-out sequences, split over processes."""
+        acc, cfg = self.accelerator, self.cfg
+        model = acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        mine = self.data.heldout[:cfg.eval_sequences][acc.process_index::acc.num_processes]
+        batches = range(0, len(mine), cfg.batch_size)
+        self.emit("on_eval_start", len(batches))
+        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        for n, i in enumerate(batches, 1):
+            ids = mine[i:i + cfg.batch_size].to(acc.device)
+            with acc.autocast():
+                loss_sum, count = lm_loss_sum(*hidden_and_head(model, ids), ids)
+            total += torch.stack([loss_sum.double(), torch.tensor(count, dtype=torch.float64, device=acc.device)])
+            self.emit("on_eval_batch", n)
+        total = acc.reduce(total, "sum")
+        model.train(was_training)
+        return (total[0] / total[1]).item()
+
+    def save(self) -> Path:
+        """A checkpoint of everything needed to continue bit-for-bit."""
+        acc = self.accelerator
+        root = self.out / "checkpoints"
+        final, tmp = root / f"step-{self.step_no:08d}", root / f".tmp-step-{self.step_no:08d}"  # same name on every process
+        if self.main:
+            remove(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every process writes its own RNG state
+        acc.wait_for_everyone()
+        if self.main:
+            write_json(tmp / "trainer_state.json", {
+                "step": self.step_no, "tokens": self.tokens, "total_steps": self.total_steps,
+                "processes": acc.num_processes, "config": dataclasses.asdict(self.cfg)})
+            publish(tmp, final, replace=True)  # re-saving the same step after a resume replaces it
+            for old in checkpoint_dirs(self.out)[:-self.cfg.keep_checkpoints]:
+                remove(old)
+        acc.wait_for_everyone()
+        self.last_saved, self.last_save_time = final, time.time()
+        self.emit("on_checkpoint", self.step_no, final)
+        return final
+
+    def finish(self) -> dict:
+        """Write the final model (config.json last: a directory with one holds complete weights)."""
+        acc, cfg = self.accelerator, self.cfg
+        summary = {"out": str(self.out), "steps": self.step_no, "total_steps": self.total_steps, "tokens": self.tokens,
+                   "global_batch": self.stream.global_batch, "seq_len": cfg.seq_len, "processes": acc.num_processes,
+                   "train_sequences": len(self.data.train), "heldout_sequences": len(self.data.heldout),
+                   "heldout_source": self.data.heldout_source, "final_loss": self.row.get("loss"),
+                   "heldout_loss": self.row.get("heldout_loss"), "heldout_ppl": self.row.get("heldout_ppl"),
+                   "precision": "bf16" if self.bf16 else "fp32",
+                   "tokens_per_s": self.session_tokens / self.train_time if self.train_time else None,
+                   "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
+        model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast forward wrapper
+        if self.main:
+            if hasattr(model, "gradient_checkpointing") and not callable(model.gradient_checkpointing):
+                model.gradient_checkpointing = False
+            recipe = dict(getattr(model.config, "stag_recipe", None) or {})
+            recipe["finetune"] = {**{k: v for k, v in summary.items() if k not in ("out", "tokens_per_s", "peak_memory_mb")},
+                                  **self.run_info, "config": dataclasses.asdict(cfg)}
+            self.emit("on_phase", "writing the final model")
+            write_final_model(model, self.tokenizer, self.out, recipe)
+            self.emit("on_finish", summary)
+        acc.wait_for_everyone()
+        return summary
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def log(self, row: dict):
+        if self.main:
+            with self.metrics_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    def evaluate(row):
-        loss = heldout_loss(accelerator.unwrap_model(model), data.heldout, cfg.batch_size, accelerator,
-                            cfg.eval_sequences)
+    def evaluate_into(self, row: dict):
+        loss = self.evaluate()
         row.update(heldout_loss=loss, heldout_ppl=math.exp(min(loss, 50.0)))
-        if main:
-            report("eval", row)
+        self.emit("on_eval", row)
 
-    if main:
-        report("start", {"total_steps": total_steps, "step": step, "tokens_per_step": tokens_per_step,
-                         "global_batch": stream.global_batch, "processes": accelerator.num_processes,
-                         "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
-                         "heldout_source": data.heldout_source, "device": str(accelerator.device),
-                         "precision": "bf16" if use_bf16 else "fp32", "resumed_from": resume_from and str(resume_from)})
-    if step == 0:
-        row = {"step": 0, "tokens": 0}
-        evaluate(row)
-        log(row)
+    def run(self) -> dict:
+        self.setup()
+        cfg = self.cfg
+        self.emit("on_start", {
+            "total_steps": self.total_steps, "step": self.step_no, "tokens_per_step": self.tokens_per_step,
+            "global_batch": self.stream.global_batch, "processes": self.accelerator.num_processes,
+            "train_sequences": len(self.data.train), "heldout_sequences": len(self.data.heldout),
+            "heldout_source": self.data.heldout_source, "device": str(self.accelerator.device),
+            "precision": "bf16" if self.bf16 else "fp32",
+            "resumed_from": self.resume_from and str(self.resume_from)})
+        self.row, self.train_time, self.session_tokens = {}, 0.0, 0
+        self.started = self.last_save_time = time.time()
+        if self.step_no == 0:
+            row = {"step": 0, "tokens": 0}
+            self.evaluate_into(row)
+            self.log(row)
+        while self.step_no < self.total_steps:
+            self.row = row = self.step()
+            done = self.step_no == self.total_steps
+            if self.step_no % cfg.eval_every == 0 or done:
+                self.evaluate_into(row)
+            self.log(row)
+            self.emit("on_step", row)
+            overdue = cfg.save_every_minutes and time.time() - self.last_save_time >= 60 * cfg.save_every_minutes
+            if self.step_no % cfg.save_every == 0 or done or self._agreed(overdue):
+                self.save()
+        return self.finish()
 
-    def trainer_state(step, tokens):
-        return {"step": step, "tokens": tokens, "total_steps": total_steps, "processes": accelerator.num_processes,
-                "config": dataclasses.asdict(cfg)}
+    def _agreed(self, flag: bool) -> bool:
+        """The main process's decision, on every process (a time-based save must happen everywhere)."""
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        decision = torch.tensor([float(bool(flag))], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(decision, "max").item())
 
-    last_saved = resume_from
-    row, train_time, session_tokens = {}, 0.0, 0
-    started = time.time()
-    while step < total_steps:
-        step += 1
-        t0 = time.time()
-        lr = scheduler.get_last_lr()[0]
-        sums = torch.zeros(3, device=accelerator.device)  # loss, lm loss, kl
-        for micro in range(cfg.grad_accum):
-            ids = stream.batch(step, micro, accelerator.process_index).to(accelerator.device)
-            sync = micro == cfg.grad_accum - 1  # all-reduce gradients only on the last micro-batch
-            with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                out_ = model(input_ids=ids, labels=ids)
-                lm_loss, loss, kl = out_.loss, out_.loss, torch.zeros((), device=accelerator.device)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(ids).logits
-                    kl = distill_kl(out_.logits, teacher_logits, cfg.distill_temperature)
-                    loss = (1 - cfg.distill_alpha) * lm_loss + cfg.distill_alpha * kl
-                accelerator.backward(loss / cfg.grad_accum)
-            sums += torch.stack([loss.detach().float(), lm_loss.detach().float(), kl.detach().float()])
-        sums = accelerator.reduce(sums / cfg.grad_accum, "mean")
-        grad_norm = accelerator.clip_grad_norm_(trained_params, cfg.grad_clip)
-        if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
-            kept = (f"the last good checkpoint is {last_saved} (continue with --resume)" if last_saved
-                    else "no checkpoint had been saved yet")
-            raise StagError(f"loss became NaN/inf at step {step}: training stopped; {kept}")
-        part_lr.save()
-        optimizer.step()
-        part_lr.apply()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += tokens_per_step
-        session_tokens += tokens_per_step
-        train_time += time.time() - t0
-        row = {"step": step, "tokens": tokens, "loss": sums[0].item(), "lr": lr, "grad_norm": grad_norm.item(),
-               "tokens_per_s": session_tokens / train_time, "elapsed_s": round(time.time() - started, 3)}
-        if teacher is not None:
-            row.update(lm_loss=sums[1].item(), kl_loss=sums[2].item())
-        if step % cfg.eval_every == 0 or step == total_steps:
-            evaluate(row)
-        log(row)
-        if main:
-            report("step", row)
-        if step % cfg.save_every == 0 or step == total_steps:
-            last_saved = _save_checkpoint(accelerator, out, step, trainer_state(step, tokens), cfg.keep_checkpoints)
-            if main:
-                report("checkpoint", {"step": step, "path": str(last_saved)})
-
-    summary = {"out": str(out), "steps": step, "total_steps": total_steps, "tokens": tokens,
-               "global_batch": stream.global_batch, "seq_len": cfg.seq_len, "processes": accelerator.num_processes,
-               "train_sequences": len(data.train), "heldout_sequences": len(data.heldout),
-               "heldout_source": data.heldout_source, "final_loss": row.get("loss"),
-               "heldout_loss": row.get("heldout_loss"), "heldout_ppl": row.get("heldout_ppl"),
-               "tokens_per_s": session_tokens / train_time if train_time else None}
-    if main:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.gradient_checkpointing = False
-        recipe = dict(getattr(unwrapped.config, "stag_recipe", None) or {})
-        recipe["finetune"] = {**{k: v for k, v in summary.items() if k not in ("out", "tokens_per_s")},
-                              **(run_info or {}), "config": dataclasses.asdict(cfg)}
-        _write_final_model(unwrapped, tokenizer, out, recipe)
-        report("done", summary)
-    accelerator.wait_for_everyone()
-    return summary
+    def _rewrite_metrics(self, up_to_step: int):
+        """On resume: drop rows for steps after the checkpoint (they will be recomputed)."""
+        if not self.metrics_path.exists():
+            return
+        rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        write_text(self.metrics_path, "".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= up_to_step))
 
 
-# --- from paths, and recipes --------------------------------------------------------------------
-def finetune_paths(model_path: str, out_dir, cfg: TrainConfig, resume: bool = False, report=None,
-                   tokenizer_path: Optional[str] = None) -> dict:
+def write_final_model(model, tokenizer, out: Path, recipe: dict):
+    """save_pretrained into a temporary folder, then move the files into OUT, config.json last, so a
+    directory with a config.json always holds complete weights."""
+    with scratch_dir(out / "final-model") as tmp:
+        model.config.stag_recipe = recipe
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / "stag_recipe.json", recipe)
+        move_into(tmp, out)
+
+
+def finetune(model, tokenizer, cfg: TrainConfig, out_dir, teacher=None, resume: bool = False, force: bool = False,
+             callbacks=(), data: Optional[PackedData] = None, run_info: Optional[dict] = None) -> dict:
+    """Run a FineTune; returns its summary."""
+    return FineTune(model, tokenizer, cfg, out_dir, teacher, resume, force, callbacks, data, run_info).run()
+
+
+def finetune_paths(model_path: str, out_dir, cfg: TrainConfig, resume: bool = False, force: bool = False,
+                   callbacks=(), tokenizer_path: Optional[str] = None) -> dict:
     """Load MODEL (a stag directory, or a plain checkpoint / .gguf / alias: trained as 1 section, the
     control), the teacher named by cfg.distill_from, and train."""
     from transformers import AutoTokenizer
 
     from .convert import load_model
+    for cb in callbacks:
+        cb.on_phase(f"loading {model_path}")
     model, tokenizer = load_model(model_path)
     if tokenizer_path:
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         except Exception as err:
             raise StagError(f"cannot load a tokenizer from {tokenizer_path}: {type(err).__name__}") from err
-    teacher = load_model(cfg.distill_from)[0] if cfg.distill_from else None
+    teacher = None
+    if cfg.distill_from:
+        for cb in callbacks:
+            cb.on_phase(f"loading the teacher {cfg.distill_from}")
+        teacher = load_model(cfg.distill_from)[0]
     run_info = {"model": str(model_path), "teacher": cfg.distill_from}
-    return finetune(model, tokenizer, cfg, out_dir, teacher=teacher, resume=resume, report=report,
-                    run_info=run_info)
+    return finetune(model, tokenizer, cfg, out_dir, teacher=teacher, resume=resume, force=force,
+                    callbacks=callbacks, run_info=run_info)
 
 
 def saved_run_options(out_dir) -> dict:
@@ -554,50 +666,3 @@ def saved_run_options(out_dir) -> dict:
         return {}
     run = json.loads(path.read_text())
     return {"model": run.get("model"), "config": run.get("config", {})}
-
-
-RECIPE_KEYS = {"name", "description", "model", "convert", "finetune"}
-CONVERT_KEYS = {"source", "sections", "mode", "window", "init", "cross_attn", "dtype", "out"}
-
-
-def load_recipe(path) -> dict:
-    """A YAML recipe: `convert:` (stag convert options + optional `out`) or `model:`, and `finetune:`
-    (TrainConfig fields). Checked here so that mistakes fail before any work."""
-    import yaml
-    path = Path(path)
-    if not path.is_file():
-        raise StagError(f"recipe not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise StagError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(recipe, dict) or set(recipe) - RECIPE_KEYS:
-        raise StagError(f"recipe {path}: unknown top-level keys "
-                        f"{sorted(set(recipe) - RECIPE_KEYS) if isinstance(recipe, dict) else recipe!r}; "
-                        f"known: {', '.join(sorted(RECIPE_KEYS))}")
-    convert = recipe.get("convert") or {}
-    if set(convert) - CONVERT_KEYS:
-        raise StagError(f"recipe {path}: unknown convert keys {sorted(set(convert) - CONVERT_KEYS)}; "
-                        f"known: {', '.join(sorted(CONVERT_KEYS))}")
-    if convert and "source" not in convert:
-        raise StagError(f"recipe {path}: convert needs a source")
-    TrainConfig.from_dict(recipe.get("finetune") or {}, where=f"recipe {path}")  # fail early on typos
-    return recipe
-
-
-def recipe_model(recipe: dict, out_dir, report=None) -> Optional[str]:
-    """The model a recipe trains: its `model`, or the output of its `convert` step (run once, on the
-    main process; reused when it already exists, e.g. on --resume)."""
-    convert = dict(recipe.get("convert") or {})
-    if not convert:
-        return recipe.get("model")
-    target = Path(convert.pop("out", None) or Path(out_dir) / "converted")
-    source = convert.pop("source")
-    state = process_state()
-    with state.main_process_first():
-        if state.is_main_process and not (target / "config.json").is_file():
-            from .convert import convert as run_convert
-            if report:
-                report("convert", {"source": source, "out": str(target)})
-            run_convert(str(source), str(target), **convert)
-    return str(target)

@@ -75,9 +75,10 @@ def test_decode_op_counts_rank_the_forms():
     sequential sublayer, and a 2-section split fewer than the unconverted model (half the depth)."""
     from conftest import tiny_hf_model
     from stagcli.bench import count_decode_ops
+    from stagcli.layout import Layout
     from stagcli.convert import convert_model
     hf = tiny_hf_model("llama", layers=4)
-    heavy = {name: count_decode_ops(convert_model(hf, **kw))["heavy"] for name, kw in {
+    heavy = {name: count_decode_ops(convert_model(hf, Layout(**kw)))["heavy"] for name, kw in {
         "base": dict(sections=1), "split2": dict(sections=2),
         "split2-parallel": dict(sections=2, cross_attn="parallel"), "shared2": dict(sections=2, mode="shared"),
         "shared2-parallel": dict(sections=2, mode="shared", cross_attn="parallel")}.items()}

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from conftest import VOCAB, tiny_hf_model
 from stagcli.cli import app
+from stagcli.layout import Layout
 from stagcli.convert import convert_model, load_model
 from stagcli.model import StagForCausalLM
 
@@ -27,7 +28,7 @@ def test_reproduces_transformers_logits(family, layout):
     ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # right padding, as lm-eval batches do
-    model = convert_model(hf, **layout)
+    model = convert_model(hf, Layout(**layout))
     for m in (None, mask):
         ref = hf(ids, attention_mask=m).logits
         ours = model(ids, attention_mask=m).logits
@@ -75,7 +76,7 @@ def test_cli_parallel_cross_attention(hf_checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     assert "parallel" in result.output
     model, _ = load_model(str(out))
-    assert model.config.cross_attn == "parallel" and not hasattr(model.blocks[0], "cross_q")
+    assert model.config.cross_attn == "parallel" and not hasattr(model.blocks[0].cross, "q")
     ids = torch.randint(0, VOCAB, (2, 10))
     assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
 
@@ -185,10 +186,10 @@ def test_real_smollm2_conversion(tmp_path):
     with torch.no_grad():
         ref = hf(ids).logits
         for cross_attn in ("sequential", "parallel"):
-            shared = convert_model(hf, sections=2, mode="shared", cross_attn=cross_attn)
+            shared = convert_model(hf, Layout(sections=2, mode="shared", cross_attn=cross_attn))
             assert (shared(ids).logits - ref).abs().max().item() < 1e-4
             del shared
-        split = convert_model(hf, sections=2)
+        split = convert_model(hf, Layout(sections=2))
         logits = split(ids).logits
     assert torch.isfinite(logits).all() and logits.shape == ref.shape
     assert split.config.depth == 15

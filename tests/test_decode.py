@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_hf_model
+from stagcli.layout import Layout
 from stagcli.convert import convert_model
 from stagcli.decode import full_forward_greedy, generate, left_pad
 from stagcli.errors import StagError
@@ -86,7 +87,7 @@ def test_recurrent_greedy_equals_uncached_reference():
     """Recurrent approximation without caches: memory slot k holds pass 1's output for prompt
     positions and pass 2's own output for generated ones; the whole prefix is recomputed each step."""
     model = staggered("llama", "shared2")
-    pass1 = convert_model(tiny_hf_model("llama"), sections=1)  # pass 1 of shared2 = the source model
+    pass1 = convert_model(tiny_hf_model("llama"), Layout(sections=1))  # pass 1 of shared2 = the source model
     prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         memory, ids = pass1.run_sections(prompt), prompt

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import tiny_hf_model, tiny_tokenizer
 from stagcli.cli import app
+from stagcli.layout import Layout
 from stagcli.convert import convert
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +34,7 @@ def models(tmp_path_factory):
     out = {"hf": hf}
     for name, kw in {"p1": dict(sections=1), "split": dict(sections=2),
                      "shared": dict(sections=2, mode="shared")}.items():
-        out[name] = convert(str(hf), str(root / name), **kw).out
+        out[name] = convert(str(hf), str(root / name), Layout(**kw)).out
     return out
 
 

@@ -91,7 +91,7 @@ def test_experiment_bad_recipe(tmp_path):
 
 @needs_bible
 @pytest.mark.parametrize("killed_after_save", [True, False], ids=["after-checkpoint", "before-any-checkpoint"])
-def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, monkeypatch, killed_after_save):
+def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, killed_after_save):
     """A run killed mid fine-tune (out of time on a lent GPU, preempted) continues from its last
     checkpoint when the same command is run again, or starts over when it died before its first one;
     either way it ends with the full budget, each step logged once."""
@@ -99,28 +99,26 @@ def test_interrupted_finetune_resumes_on_rerun(tiny_run, tmp_path, monkeypatch, 
 
     import yaml
 
-    import stagcli.train as train
     from stagcli.experiment import run_experiment
+    from stagcli.train import Callback
     recipe = yaml.safe_load(RECIPE.read_text())
     recipe["tiny"]["finetune"]["save_every"] = 2
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     shutil.copytree(tiny_run[0] / "source", tmp_path / "work" / "source")  # skip pretraining the source
-    real_save = train._save_checkpoint
 
-    def save_then_die(accelerator, out, step, *args):
-        if not killed_after_save:
-            raise KeyboardInterrupt("simulated kill before the first checkpoint")
-        path = real_save(accelerator, out, step, *args)
-        if step == 4:
-            raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
-        return path
+    class Kill(Callback):
+        def on_step(self, row):
+            if not killed_after_save and row["step"] == 1:
+                raise KeyboardInterrupt("simulated kill before the first checkpoint")
+
+        def on_checkpoint(self, step, path):
+            if step == 4:
+                raise KeyboardInterrupt("simulated kill after the step-4 checkpoint")
 
     budget = 6 * 8 * 64  # 6 steps of batch 8 x seq 64
     args = dict(tiny=True, variants=["shared2"], max_tokens=budget, skip=["eval", "bench", "scratch"])
-    monkeypatch.setattr(train, "_save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", **args)
-    monkeypatch.setattr(train, "_save_checkpoint", real_save)
+        run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", callbacks=[Kill()], **args)
     summary = run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", **args)
     assert [row["variant"] for row in summary["variants"]] == ["shared2"]
     assert summary["variants"][0]["tokens"] == budget and not summary["tasks"] and not summary["scratch"]

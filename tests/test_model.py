@@ -4,6 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import VOCAB, tiny_hf_model
+from stagcli.layout import Layout
 from stagcli.convert import convert_model
 from stagcli.model import StagConfig, StagForCausalLM
 
@@ -26,11 +27,11 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral-window", "gpt2"]
 def staggered(family, variant, seed=0):
     """A converted tiny model whose cross-attention is switched on (random output projection), so
     that the tests see the cross-attention path and not a zero."""
-    model = convert_model(tiny_hf_model(family, seed=seed), **VARIANTS[variant])
+    model = convert_model(tiny_hf_model(family, seed=seed), Layout(**VARIANTS[variant]))
     torch.manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "cross_o" in name or "mem_norm" in name or "cross_k_norm" in name or "cross_q_norm" in name:
+            if ".cross.o." in name or "mem_norm" in name or ".cross.k_norm" in name or ".cross.q_norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
         if model.config.cross_attn == "parallel":  # o's columns for the cross heads start at zero too
             for block in model.blocks:
@@ -106,7 +107,7 @@ def test_split_model_differs_from_source_until_trained():
     """Sanity for the equivalence tests above: a split conversion really changes the function."""
     hf = tiny_hf_model("llama")
     ids = torch.randint(0, VOCAB, (2, 8))
-    assert (convert_model(hf, sections=2)(ids).logits - hf(ids).logits).abs().max() > 1e-2
+    assert (convert_model(hf, Layout(sections=2))(ids).logits - hf(ids).logits).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("variant", ["shared2", "shared2-parallel"])
@@ -120,7 +121,7 @@ def test_recurrent_decode_matches_uncached_reference(variant):
     prompt_len = 4
     dec = decode_logits(model, ids, prompt_len, recurrent=True)
     with torch.no_grad():
-        memory = convert_model(hf, sections=1).run_sections(ids[:, :prompt_len])  # = pass-1 outputs
+        memory = convert_model(hf, Layout(sections=1)).run_sections(ids[:, :prompt_len])  # = pass-1 outputs
         reference = []
         for t in range(prompt_len - 1, ids.shape[1]):
             slots = memory[:, :t + 1] if memory.shape[1] > t else torch.cat(
@@ -161,4 +162,4 @@ def test_from_scratch_model_trains_one_step():
     manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     assert torch.allclose(out.loss, manual)
     out.loss.backward()
-    assert model.blocks[0].cross_o.weight.grad.abs().sum() > 0  # zero-initialised but trainable
+    assert model.blocks[0].cross.o.weight.grad.abs().sum() > 0  # zero-initialised but trainable

@@ -1,0 +1,71 @@
+"""`Layout`: how a decoder's layers become staggered sections. One frozen dataclass, declared once:
+`stag convert` builds its options from it, recipes and experiment variants are checked against it,
+and a StagConfig stores it (and gives it back with `StagConfig.layout`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from .cross_attention import FORMS
+from .errors import StagError
+from .options import check_choices, from_dict, option
+from .section_input import INITS
+
+MODES = ("split", "shared")
+
+
+@dataclass(frozen=True)
+class Layout:
+    sections: int = option(2, "Number of staggered sections p. split: must divide the layer count; "
+                              "shared: number of passes.", flags=("--sections", "-p"))
+    mode: str = option("split", "split: layers 1..L/p form section 1, the next L/p section 2, ... (separate "
+                                "weights). shared: every section is a pass through all L layers (shared "
+                                "weights); with zero cross-attention it reproduces the source exactly.",
+                       choices=MODES)
+    window: Optional[int] = option(None, "Bounded cross-attention: a section sees only the previous W "
+                                         "outputs of the section below (default: all).")
+    init: str = option("zero", "What section k>1 reads as its input. zero: the token embedding, with a "
+                               "zero-output cross-attention (the paper's form). lagged: also u(i-1) - "
+                               "E(x(i-1)) from the section below, approximating the missing lower layers "
+                               "(split mode only).", choices=INITS)
+    cross_attn: str = option("sequential", "Where cross-attention sits in a layer. sequential: the paper's "
+                                           "extra sublayer after self-attention (own norm, query and output "
+                                           "projections). parallel: it reads the same norm(x) as self-attention, "
+                                           "its query joins the qkv GEMM and its output the o GEMM (fewer "
+                                           "kernels per decode step).", choices=tuple(FORMS))
+
+    def __post_init__(self):
+        check_choices(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "layout") -> "Layout":
+        return from_dict(cls, values, where)
+
+    @property
+    def shared(self) -> bool:
+        return self.mode == "shared" and self.sections > 1
+
+    def validate(self, num_layers: int) -> "Layout":
+        """The layout, or a StagError naming the option that cannot work with this model."""
+        if self.sections < 1:
+            raise StagError(f"--sections must be >= 1, not {self.sections}")
+        if self.mode == "split" and num_layers % self.sections:
+            raise StagError(f"--sections {self.sections} does not divide the model's {num_layers} layers")
+        if self.window is not None and self.window < 1:
+            raise StagError(f"--window must be >= 1, not {self.window}")
+        if self.init == "lagged" and (self.mode != "split" or self.sections < 2):
+            raise StagError("--init lagged applies to --mode split with --sections >= 2")
+        return self
+
+    def config_fields(self) -> dict:
+        """The StagConfig fields that carry this layout."""
+        return dict(sections=self.sections, shared=self.shared, window=self.window,
+                    section_input=self.init, cross_attn=self.cross_attn)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Layout))
