@@ -8,12 +8,12 @@ Achieved bandwidth = model weight bytes x decode steps per second (each step rea
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import time
 
 import torch
 
+from .devices import machine, resolve_device
 from .errors import StagError
 
 
@@ -32,8 +32,6 @@ def _model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _resolve_device(device: str | None):
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "linear", "matmul")  # + every scaled-dot-product attention
@@ -76,7 +74,7 @@ def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: 
     """Time the decode engine. `model`: a StagForCausalLM or anything load_model() takes."""
     from .convert import DTYPES, load_model
     from .decode import DecodeEngine
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if isinstance(model, (str, os.PathLike)):
         model = load_model(str(model), dtype)[0]
     model = model.to(dev, DTYPES[dtype]).eval()
@@ -114,7 +112,7 @@ def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_to
     loaded transformers model. Per-token decode time is
     (time for new_tokens - time for 1 token) / (new_tokens - 1), which removes prefill."""
     from .convert import DTYPES, load_hf_model
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     hf = load_hf_model(source)[0] if isinstance(source, (str, os.PathLike)) else source
     hf = hf.to(dev, DTYPES[dtype]).eval()
     prompt = _prompt(hf.config.vocab_size, batch_size, prompt_len, dev)
@@ -140,44 +138,56 @@ def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_to
             "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token}
 
 
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}"
+def check_settings(batch_sizes, prompt_len: int, new_tokens: int, repeats: int, dtype: str):
+    """Reject impossible settings before any model is loaded."""
+    from .convert import DTYPES
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise StagError(f"--batch-sizes must be positive integers, not {','.join(map(str, batch_sizes)) or 'empty'}")
+    if new_tokens < 2 or prompt_len < 1 or repeats < 1:
+        raise StagError("--new-tokens must be >= 2, --prompt-len and --repeats >= 1")
+    if dtype not in DTYPES:
+        raise StagError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
 
 
 def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 16), prompt_len: int = 128,
               new_tokens: int = 128, repeats: int = 5, warmup: int = 1, device: str | None = None,
               dtype: str = "float32", compile: bool = False, hf: bool = True, progress=None) -> dict:
-    """Every system at every batch size. The baseline defaults to the source recorded by stag convert."""
+    """Every system at every batch size. The baseline defaults to the source recorded by stag convert.
+    progress(label, done, total) is called before each measurement and once at the end."""
     from .convert import load_model
-    if new_tokens < 2 or prompt_len < 1 or repeats < 1:
-        raise StagError("--new-tokens must be >= 2, --prompt-len and --repeats >= 1")
+    check_settings(batch_sizes, prompt_len, new_tokens, repeats, dtype)
+    dev = resolve_device(device)
+    report = progress or (lambda label, done, total: None)
+    report("loading the model", 0, 0)
     model, _ = load_model(model_path, dtype)
     if baseline is None:
         baseline = (model.config.stag_recipe or {}).get("source")
         if baseline and not (os.path.exists(baseline) or baseline in _aliases()):
             baseline = None
-    report = progress or (lambda what: None)
-    dev = _resolve_device(device)
-    rows = []
     common = dict(prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                   device=str(dev), dtype=dtype)
+    limit = getattr(model.config, "max_positions", None)
+    if limit and prompt_len + new_tokens + 1 > limit:
+        raise StagError(f"--prompt-len + --new-tokens ({prompt_len + new_tokens}) exceed the model's "
+                        f"context of {limit} tokens")
+    jobs = []  # (name, batch, how)
     base_model = hf_model = None
     if baseline:  # loaded once: the same weights for the same engine and for transformers
         from .convert import convert_model, load_hf_model
-        report("loading the baseline")
+        report("loading the baseline", 0, 0)
         hf_model = load_hf_model(baseline)[0]
         base_model = convert_model(hf_model)
     for batch in batch_sizes:
-        report(f"stag engine, batch {batch}")
-        rows.append({"name": "staggered", **bench_engine(model, batch, compile=compile, **common)})
+        jobs.append(("staggered", batch, lambda b: bench_engine(model, b, compile=compile, **common)))
         if baseline:
-            report(f"baseline in the same engine, batch {batch}")
-            rows.append({"name": "baseline (same engine)", **bench_engine(base_model, batch, compile=compile, **common)})
+            jobs.append(("baseline (same engine)", batch, lambda b: bench_engine(base_model, b, compile=compile, **common)))
             if hf:
-                report(f"HF generate static cache, batch {batch}")
-                rows.append({"name": "baseline (HF static generate)", **bench_hf_generate(hf_model, batch, **common)})
+                jobs.append(("baseline (HF static generate)", batch, lambda b: bench_hf_generate(hf_model, b, **common)))
+    rows = []
+    for done, (name, batch, how) in enumerate(jobs):
+        report(f"{name}, batch {batch}", done, len(jobs))
+        rows.append({"name": name, **how(batch)})
+    report("done", len(jobs), len(jobs))
     for row in rows:  # ratios against the staggered model at the same batch size
         ours = next(r for r in rows if r["name"] == "staggered" and r["batch_size"] == row["batch_size"])
         row["speedup_of_staggered"] = row["ms_per_token"] / ours["ms_per_token"]

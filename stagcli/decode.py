@@ -204,6 +204,10 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
     if max_new_tokens < 1:
         raise StagError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     batch, prompt_len = input_ids.shape
+    limit = getattr(model.config, "max_positions", None)
+    if limit and prompt_len + max_new_tokens > limit:
+        raise StagError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                        f"context of {limit} tokens")
     if engine is None:
         engine = DecodeEngine(model, batch, prompt_len + max_new_tokens, recurrent=recurrent)
     elif prompt_len + max_new_tokens - 1 > engine.max_len:

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .bench import machine
+from .devices import machine
 from .errors import StagError
 from .layout import FIELDS as LAYOUT_FIELDS, Layout
 from .recipes import check_keys, load_yaml
@@ -322,7 +322,7 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
             tasks.append({"task": row["task"], "metric": row["metric"], "filter": row["filter"],
                           "values": [row["values"].get(k, {}).get("value") for k in names],
                           "stderr": [row["values"].get(k, {}).get("stderr") for k in names]})
-    return {"recipe": recipe_path, "tiny": tiny, "source": source, "machine": machine(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    return {"recipe": recipe_path, "tiny": tiny, "source": source, "machine": machine(),
             "seconds": round(seconds, 1), "finetune": recipe.get("finetune"), "variants": rows,
             "curves": {e["name"]: e["curve"] for e in entries}, "tasks": tasks, "task_models": labels,
             "bench": speeds, "scratch": scratch, "scratch_settings": recipe.get("scratch")}

@@ -68,9 +68,11 @@ def _llama_check(cfg):
 
 
 def _gpt2_check(cfg):
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention"):
         if getattr(cfg, flag, False):
             return f"GPT-2 option {flag}=True is not supported"
+    if not getattr(cfg, "scale_attn_weights", True):  # attention without the 1/sqrt(head_dim) scale
+        return "GPT-2 option scale_attn_weights=False is not supported"
     return None
 
 
@@ -126,17 +128,18 @@ PHI3 = replace(
 GPT2 = Family(
     name="gpt2",
     model_types=("gpt2",),
-    fixed=dict(norm="layer", positions="learned", mlp="plain", qkv_bias=True, o_bias=True,
-               mlp_bias=True, tie_embeddings=True),
+    fixed=dict(norm="layer", positions="learned", mlp="plain", qkv_bias=True, o_bias=True, mlp_bias=True),
     hparams=dict(
         vocab_size="vocab_size", hidden_size="n_embd", num_layers="n_layer", num_heads="n_head",
         num_kv_heads="n_head", head_dim=lambda c: c.n_embd // c.n_head,
         intermediate_size=lambda c: c.n_inner or 4 * c.n_embd, norm_eps="layer_norm_epsilon",
         max_positions="n_positions", activation="activation_function",
+        tie_embeddings=lambda c: bool(getattr(c, "tie_word_embeddings", True)),
     ),
     layer_prefix="transformer.h.{i}.",
     globals={"embed.weight": "transformer.wte.weight", "pos_embed.weight": "transformer.wpe.weight",
-             "final_norm.weight": "transformer.ln_f.weight", "final_norm.bias": "transformer.ln_f.bias"},
+             "final_norm.weight": "transformer.ln_f.weight", "final_norm.bias": "transformer.ln_f.bias",
+             "lm_head.weight": "lm_head.weight"},
     layer={
         "attn_norm.weight": "ln_1.weight", "attn_norm.bias": "ln_1.bias",
         "qkv.weight": T("attn.c_attn.weight"), "qkv.bias": "attn.c_attn.bias",

@@ -12,6 +12,8 @@ the optimizer descends. A new loss is a class with `terms`, listed in the recipe
 """
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,53 +29,93 @@ def _compute_dtype(device_type: str, dtype):
     return dtype
 
 
+COMPILE_MIN_VOCAB = 8192  # below this the elementwise work is too small to repay a compile
+
+
+def _chunk_math(s, t, y, scale, lm_weight: float, kl_weight: float, temperature: float):
+    """One chunk's loss sums and d(objective)/d(logits). s, t: student and teacher logits [n, V]
+    (t may be None); y: labels [n] (clamped); scale: [n] = valid / count. Elementwise work only,
+    so torch.compile fuses it into a few passes (12x faster than eager at SmolLM2's 49k vocab)."""
+    s = s.float()
+    log_p = s.log_softmax(-1)
+    lm_sum = -(log_p.gather(1, y[:, None])[:, 0] * (scale > 0)).sum()
+    grad = lm_weight * log_p.exp()
+    kl_sum = torch.zeros((), device=s.device)
+    if t is not None:
+        log_q_t = (t.float() / temperature).log_softmax(-1)
+        log_p_t = log_p if temperature == 1 else (s / temperature).log_softmax(-1)
+        q_t = log_q_t.exp()
+        kl_sum = ((q_t * (log_q_t - log_p_t)).sum(-1) * (scale > 0)).sum()
+        grad = grad + (kl_weight * temperature) * (log_p_t.exp() - q_t)
+    onehot = torch.arange(s.shape[-1], device=s.device)[None, :] == y[:, None]
+    grad = (grad - lm_weight * onehot) * scale[:, None]
+    return lm_sum, kl_sum, grad
+
+
+_compiled = {"fn": None, "failed": False}
+
+
+def _chunk_fn(vocab: int):
+    """The compiled chunk function for big vocabularies (eager below COMPILE_MIN_VOCAB, with
+    STAG_COMPILE_LOSS=0, or where compiling fails, e.g. no C++ compiler)."""
+    if vocab < COMPILE_MIN_VOCAB or _compiled["failed"] or os.environ.get("STAG_COMPILE_LOSS") == "0":
+        return _chunk_math
+    if _compiled["fn"] is None:
+        _compiled["fn"] = torch.compile(_chunk_math, dynamic=False)
+    return _compiled["fn"]
+
+
+def _run_chunk(*args):
+    fn = _chunk_fn(args[0].shape[-1])
+    if fn is _chunk_math:
+        return fn(*args)
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001  (a compiler problem must not stop training)
+        _compiled["failed"] = True
+        warnings.warn(f"torch.compile of the loss failed ({type(err).__name__}); using eager ops (slower)")
+        return _chunk_math(*args)
+
+
 class _FusedHeadLoss(torch.autograd.Function):
-    """loss = lm_weight * CE(h W^T, labels) + kl_weight * T^2 KL(teacher || student at temperature T),
-    both averaged over the positions with a label. Gradients are made in the forward pass, chunk by
-    chunk; backward only scales them."""
+    """objective = lm_weight * CE(h W^T, labels) + kl_weight * T^2 KL(teacher || student at temperature
+    T), both averaged over the positions with a label. Gradients are made in the forward pass,
+    chunk by chunk; backward only scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, t_hidden, t_weight, lm_weight, kl_weight, temperature, chunk):
-        device_type = hidden.device.type
-        cd = _compute_dtype(device_type, hidden.dtype)
-        with torch.autocast(device_type, enabled=False):
+        cd = _compute_dtype(hidden.device.type, hidden.dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(cd), weight.to(cd)
             tw = None if t_weight is None else t_weight.to(cd)
+            th = None if t_hidden is None else t_hidden.to(cd)
             valid = labels != IGNORE
             count = valid.sum().clamp(min=1).to(torch.float32)
             need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
             grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_grad else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-            lm_sum = hidden.new_zeros((), dtype=torch.float32)
-            kl_sum = hidden.new_zeros((), dtype=torch.float32)
+            lm_sum = kl_sum = 0.0
+            kl_weight = kl_weight if th is not None else 0.0
             for start in range(0, h.shape[0], chunk):
-                rows = slice(start, start + chunk)
-                logits = (h[rows] @ w.T).float()
-                y, ok = labels[rows].clamp(min=0), valid[rows]
-                log_p = logits.log_softmax(-1)
-                lm_sum = lm_sum - (log_p.gather(1, y[:, None])[:, 0] * ok).sum()
-                grad = None
-                if need_grad and lm_weight:
-                    grad = log_p.exp()
-                    grad[torch.arange(len(y), device=y.device), y] -= 1
-                    grad *= (lm_weight * ok / count)[:, None]
-                if t_hidden is not None and kl_weight:
-                    t_log = ((t_hidden[rows].to(cd) @ tw.T).float() / temperature).log_softmax(-1)
-                    s_log = log_p if temperature == 1 else (logits / temperature).log_softmax(-1)
-                    kl_sum = kl_sum + ((t_log.exp() * (t_log - s_log)).sum(-1) * ok).sum()
-                    if need_grad:
-                        g = (s_log.exp() - t_log.exp()) * (kl_weight * temperature * ok / count)[:, None]
-                        grad = g if grad is None else grad + g
-                    del t_log, s_log
-                del logits, log_p
-                if grad is not None:
-                    grad_c = grad.to(cd)
-                    if grad_h is not None:
-                        grad_h[rows] = (grad_c @ w).float()
+                n = min(chunk, h.shape[0] - start)
+                rows = slice(start, start + n)
+                pad = chunk - n if h.shape[0] > chunk else 0  # every chunk one shape: one compiled kernel
+                pad_rows = lambda x: torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+                scale = pad_rows(valid[rows].float() / count)
+                y = pad_rows(labels[rows].clamp(min=0))
+                s = pad_rows(h[rows]) @ w.T
+                t = None if th is None else pad_rows(th[rows]) @ tw.T
+                lm_c, kl_c, grad = _run_chunk(s, t, y, scale, float(lm_weight), float(kl_weight), float(temperature))
+                del s, t
+                lm_sum, kl_sum = lm_sum + lm_c, kl_sum + kl_c
+                if need_grad:
+                    grad_c = grad[:n].to(cd)
+                    grad_h[rows] = grad_c @ w
                     if grad_w is not None:
-                        grad_w += (grad_c.T @ h[rows]).float()
-            lm = lm_sum / count
-            kl = kl_sum / count * temperature ** 2
+                        grad_w.add_(grad_c.T @ h[rows])  # mixed-dtype in-place add: no fp32 copy of the partial
+                del grad
+            lm = torch.as_tensor(lm_sum, dtype=torch.float32, device=hidden.device) / count
+            kl = torch.as_tensor(kl_sum, dtype=torch.float32, device=hidden.device) / count * temperature ** 2
         ctx.save_for_backward(grad_h, grad_w)
         ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(lm, kl)
@@ -88,8 +130,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def chunk_rows(vocab: int) -> int:
-    """Positions per chunk: about 32M logits (128 MB in fp32) at a time."""
-    return max(64, (1 << 25) // vocab)
+    """Positions per chunk: about 8M logits (32 MB in fp32) at a time; big enough for full-speed GEMMs."""
+    return max(64, (1 << 23) // vocab)
 
 
 def fused_head_loss(hidden, weight, labels, teacher_hidden=None, teacher_weight=None, lm_weight: float = 1.0,

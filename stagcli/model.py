@@ -407,6 +407,10 @@ class StagForCausalLM(PreTrainedModel):
         cache.mem_v[:, rows].index_copy_(4, place.slots, v.to(cache.mem_v.dtype))
 
 
-# `AutoModelForCausalLM.from_pretrained(dir)` works on stag output once this module is imported.
+# `AutoModelForCausalLM.from_pretrained(dir)` works on stag output once this module is imported;
+# without stagcli, with trust_remote_code=True: save_pretrained copies this file and the modules it
+# imports into the checkpoint and writes config.auto_map (Hugging Face's remote-code convention).
 AutoConfig.register("stag", StagConfig, exist_ok=True)
 AutoModelForCausalLM.register(StagConfig, StagForCausalLM, exist_ok=True)
+StagConfig.register_for_auto_class()
+StagForCausalLM.register_for_auto_class("AutoModelForCausalLM")

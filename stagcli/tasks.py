@@ -1,7 +1,7 @@
 """Offline look-alikes of common lm-eval tasks, built from held-out King James Bible text.
 
-`python -m stagcli.tasks [OUT_DIR]` (default recipes/tasks) rewrites the JSONL files that the task
-YAMLs in recipes/tasks read. Only held-out chapters are used (`stagcli.corpora.is_heldout`, the
+`python -m stagcli.tasks [OUT_DIR]` (default stagcli/task_data) rewrites the JSONL files that the task
+YAMLs in stagcli/task_data read. Only held-out chapters are used (`stagcli.corpora.is_heldout`, the
 same fixed split that `stag finetune` never trains on), and every random choice comes from one
 seeded generator, so the files are byte-for-byte reproducible.
 
@@ -29,7 +29,7 @@ MC_ITEMS = 250
 LASTWORD_ITEMS = 250
 COMPLETE_ITEMS = 200
 COMPLETE_WORDS = 4          # kjv_complete scores the first few words of the true continuation
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "recipes" / "tasks"
+DEFAULT_DIR = Path(__file__).resolve().parent / "task_data"  # package data: ships in the wheel
 TASK_NAMES = ("kjv_ppl", "kjv_lastword", "kjv_cloze_mc", "kjv_complete")
 
 
@@ -51,7 +51,7 @@ register_stag_model()
 # --- hooks the task YAMLs call ---------------------------------------------------------------------
 def local_dataset(data_file: str, **_metadata):
     """custom_dataset for the local tasks: {"test": Dataset} from a JSONL file, relative names
-    resolved against recipes/tasks. lm-eval calls it with the task metadata too (ignored).
+    resolved against stagcli/task_data. lm-eval calls it with the task metadata too (ignored).
     Referencing it from a YAML makes lm-eval import this module (registering `--model stag`)."""
     import datasets
     from .errors import StagError

@@ -41,7 +41,8 @@ def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0)
         model = Phi3ForCausalLM(Phi3Config(**llama_like, sliding_window=5, pad_token_id=0))
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4,
-                                           n_positions=128, bos_token_id=1, eos_token_id=2))
+                                           n_positions=128, bos_token_id=1, eos_token_id=2,
+                                           tie_word_embeddings=tie))
     else:
         raise ValueError(family)
     with torch.no_grad():  # random biases and norms, so that a wrong mapping cannot hide behind zeros/ones

@@ -36,12 +36,24 @@ def test_reproduces_transformers_logits(family, layout):
         assert (ours[keep] - ref[keep]).abs().max().item() < 1e-4
 
 
-def test_untied_head_round_trip():
-    hf = tiny_hf_model("llama", tie=False)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_untied_head_round_trip(family):
+    hf = tiny_hf_model(family, tie=False)
+    assert not torch.equal(hf.get_output_embeddings().weight, hf.get_input_embeddings().weight)
     model = convert_model(hf)
     assert model.lm_head is not None
     ids = torch.randint(0, VOCAB, (1, 7))
     assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("flag", ["scale_attn_weights", "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"])
+def test_gpt2_options_that_change_the_maths_are_refused(tmp_path, flag):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    src = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                               **{flag: flag != "scale_attn_weights"})).save_pretrained(src)
+    _expect_error(["convert", str(src), str(tmp_path / "out")], flag, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_convert_writes_a_loadable_model(hf_checkpoint, tmp_path):
@@ -196,3 +208,26 @@ def test_real_smollm2_conversion(tmp_path):
     cache = split.new_cache(1, ids.shape[1] + 2)
     split.prefill(ids, cache)
     assert torch.isfinite(split.step(ids[:, -1], cache)).all()
+
+
+def test_output_loads_without_stagcli(tmp_path):
+    """A converted directory carries its modeling code (config.auto_map, Hugging Face's remote-code
+    convention): transformers loads it with trust_remote_code=True where stagcli is not importable."""
+    model = convert_model(tiny_hf_model("qwen3"), Layout(sections=2, init="lagged", cross_attn="parallel"))
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    script = f"""
+import sys
+sys.modules["stagcli"] = None  # as if stagcli were not installed
+import torch
+from transformers import AutoModelForCausalLM
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "m")!r}, trust_remote_code=True)
+assert "stagcli" not in type(model).__module__, type(model).__module__
+print((model(expected["ids"]).logits - expected["logits"]).abs().max().item())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5

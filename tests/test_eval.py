@@ -44,7 +44,7 @@ def short_task(tmp_path_factory):
     root = tmp_path_factory.mktemp("short-task")
     data = root / "short.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in SHORT_TEXTS))
-    (root / "short_ppl.yaml").write_text((REPO / "recipes/tasks/kjv_ppl.yaml").read_text()
+    (root / "short_ppl.yaml").write_text((REPO / "stagcli/task_data/kjv_ppl.yaml").read_text()
                                          .replace("task: kjv_ppl", "task: short_ppl")
                                          .replace("data_file: kjv_ppl.jsonl", f"data_file: {data}"))
     return root
@@ -167,7 +167,7 @@ def test_builtin_task_offline_names_the_local_alternatives(models):
 def test_lm_eval_cli_knows_model_stag(models):
     """lm-eval's own CLI: the local task YAML imports stagcli.tasks, which registers `stag`."""
     result = subprocess.run(["lm_eval", "--model", "stag", "--model_args", f"pretrained={models['split']}",
-                             "--device", "cpu", "--tasks", str(REPO / "recipes/tasks/kjv_ppl.yaml"),
+                             "--device", "cpu", "--tasks", str(REPO / "stagcli/task_data/kjv_ppl.yaml"),
                              "--limit", "1"], env=OFFLINE_ENV, capture_output=True, text=True, timeout=300,
                             cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -195,3 +195,24 @@ def test_model_labels_tell_repeated_directory_names_apart():
         ["smollm2-135m", "control/finetuned", "split2/finetuned"]
     assert model_labels(["a/one/m", "b/one/m", "m2/"]) == ["a/one/m", "b/one/m", "m2"]
     assert model_labels(["out/m", "out/m"]) == ["out/m#1", "out/m#2"]
+
+
+def test_a_wheel_install_ships_the_local_tasks(tmp_path):
+    """A non-editable install (a wheel) carries the offline task files, so `stag eval --tasks kjv_ppl`
+    finds them wherever stagcli is installed."""
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(REPO)], capture_output=True, text=True, cwd=tmp_path)
+    assert wheel.returncode == 0, wheel.stderr[-2000:]
+    built = list((tmp_path / "dist").glob("stag-*.whl"))
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
+                              str(built[0])], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-2000:]
+    probe = ("import stagcli.tasks as t, stagcli.evaluate as e; print(t.DEFAULT_DIR); "
+             "print(','.join(e.local_task_names()))")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          env={**OFFLINE_ENV, "PYTHONPATH": str(site)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    where, names = proc.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(site))
+    assert {"kjv_ppl", "kjv_lastword", "kjv_cloze_mc", "kjv_complete"} <= set(names.split(","))

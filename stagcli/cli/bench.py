@@ -1,15 +1,13 @@
 """`stag bench MODEL [--baseline SRC]`."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
 from . import app
-from .common import console, err_console, handles_errors
+from .common import console, err_console, handles_errors, progress_bar
 
 
 @app.command()
@@ -35,27 +33,35 @@ def bench(
     (GEMMs + attention calls / the rest): what bounds small models on a GPU."""
     from ..bench import run_bench
     from ..errors import StagError
+    from ..files import write_json
     try:
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise StagError(f"--batch-sizes must be comma-separated integers, not '{batch_sizes}'") from None
-    with err_console.status("benchmarking") as status:
+    bar = progress_bar()
+    task = bar.add_task("bench", total=None)
+
+    def progress(label, done, total):
+        bar.update(task, description=label, completed=done, total=total or None)
+
+    with bar:
         result = run_bench(model, baseline, sizes, prompt_len, new_tokens, repeats, warmup, device, dtype,
-                           compile, hf, progress=status.update)
+                           compile, hf, progress=progress)
     table = Table(title=f"stag bench: {result['machine']}, {dtype}, prompt {prompt_len}, {new_tokens} new tokens, "
                         f"median of {repeats}")
     for col in ("system", "batch", "ms/token", "tokens/s", "GB/s", "ops/step (GEMM+attn / other)",
-                "staggered is faster by"):
+                "staggered vs this"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for r in result["rows"]:
         ops = r.get("ops_per_step")
+        ratio = r["speedup_of_staggered"]
+        versus = "" if r["name"] == "staggered" else (
+            f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower")
         table.add_row(r["name"], str(r["batch_size"]), f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['bandwidth_GBps']:.2f}", f"{ops['heavy']} / {ops['other']}" if ops else "",
-                      "" if r["name"] == "staggered" else f"{r['speedup_of_staggered']:.2f}x")
+                      f"{r['bandwidth_GBps']:.2f}", f"{ops['heavy']} / {ops['other']}" if ops else "", versus)
     console.print(table)
     if not result["baseline"]:
         err_console.print("no baseline: pass --baseline SRC to compare with the unconverted model")
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(output, result)
         console.print(f"wrote {output}")

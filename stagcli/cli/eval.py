@@ -72,7 +72,7 @@ def eval_command(
                                        "directories, .gguf files or aliases (smollm2-135m). Plain "
                                        "checkpoints run as 1-section stag models (numerically identical)."),
     tasks: List[str] = typer.Option(..., "--tasks", "-t", help="Tasks, comma separated or repeated. Local "
-                                    "offline tasks (recipes/tasks): kjv_ppl (perplexity), kjv_lastword "
+                                    "offline tasks (stagcli/task_data): kjv_ppl (perplexity), kjv_lastword "
                                     "(last-word prediction), kjv_cloze_mc (multiple choice), kjv_complete "
                                     "(generation). Any built-in lm-eval task name is passed through "
                                     "(needs the Hugging Face hub for its data)."),
@@ -92,7 +92,7 @@ def eval_command(
     recurrent: bool = typer.Option(False, "--recurrent", help="Generate with the recurrent approximation "
                                    "(shared-weights models with >= 2 sections only)."),
     include_path: List[Path] = typer.Option([], "--include-path", help="Extra directory of lm-eval task "
-                                            "YAMLs (repeatable), searched besides recipes/tasks."),
+                                            "YAMLs (repeatable), searched besides stagcli/task_data."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show lm-eval's own log lines."),
 ):
     """Evaluate models on lm-evaluation-harness tasks and print one table: a column per model,

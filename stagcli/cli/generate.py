@@ -26,17 +26,27 @@ def generate(
                                    "models): skip pass 1 for generated tokens."),
     devices: Optional[str] = typer.Option(None, help="Comma-separated devices, one per section (e.g. "
                                           "cuda:0,cuda:1): one torch.distributed rank per section, running concurrently."),
-    device: Optional[str] = typer.Option(None, help="Device for single-process decoding (default: cuda if available)."),
+    device: Optional[str] = typer.Option(None, help="Device for single-process decoding: cpu, cuda, cuda:1 "
+                                         "(default: cuda if available)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
 ):
     """Generate text with the parallel-section decode engine, streaming tokens as they come."""
 
 
-    from ..convert import load_model
+    from ..convert import DTYPES, load_model
     from ..decode import generate as run_generate
     from ..decode import left_pad
+    from ..devices import resolve_device
     from ..errors import StagError
 
+    if dtype not in DTYPES:
+        raise StagError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    if max_new_tokens < 1:
+        raise StagError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
+    empty = [i + 1 for i, text in enumerate(prompt) if not text.strip()]
+    if empty:
+        raise StagError(f"prompt {empty[0]} of {len(prompt)} is empty: give every --prompt some text")
+    target = None if devices else resolve_device(device)  # checked before the (slow) model load
     loaded, tokenizer = load_model(model, dtype)
     if tokenizer is None:
         raise StagError(f"{model} has no tokenizer to turn the prompt into tokens")
@@ -47,6 +57,11 @@ def generate(
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                                add_generation_prompt=True) for t in texts]
     rows = [tokenizer(t, add_special_tokens=not chat).input_ids for t in texts]
+    limit = loaded.config.max_positions
+    longest = max(len(r) for r in rows)
+    if longest + max_new_tokens > limit:
+        raise StagError(f"prompt ({longest} tokens) + --max-new-tokens ({max_new_tokens}) exceed the model's "
+                        f"context of {limit} tokens; ask for at most {max(limit - longest, 0)} new tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids, mask = left_pad(rows, pad)
     streamed: list[int] = []
@@ -72,8 +87,7 @@ def generate(
         out = generate_on_devices(model, ids, mask, max_new_tokens, devices=devices.split(","), dtype=dtype,
                                   on_token=on_token, **sampling)
     else:
-        if device:
-            loaded = loaded.to(device)
+        loaded = loaded.to(target)
         out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token, **sampling)
     elapsed = time.perf_counter() - start
     if stream:
