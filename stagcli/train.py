@@ -84,6 +84,9 @@ class TrainConfig:
         None, "Recompute activations per block in the backward pass: far less memory; on a CPU it is also "
               "faster (fewer page faults), on a GPU ~30% slower (docs/finetune.md).",
         default_text="on for CPU training, off on GPUs")
+    compile: bool = option(False, "torch.compile each block for training (fuses its elementwise work): ~8% more "
+                                  "tokens/s on the 2-core CPU after ~30 s of compiling; worth it for runs of "
+                                  "more than a few minutes.")
     lean_memory: bool = option(False, "Return freed memory to the OS at once (glibc's malloc on Linux): a lower "
                                       "peak resident memory (SmolLM2 distillation on the 2-core CPU: 3.5 instead "
                                       "of 4.6 GB) for ~35% fewer tokens/s.")
@@ -110,7 +113,7 @@ class TrainConfig:
 
 # Options that do not change which weights come out; everything else must match on --resume.
 BOOKKEEPING = {"save_every", "save_every_minutes", "keep_checkpoints", "eval_every", "eval_sequences", "lean_memory",
-               "gradient_checkpointing"}
+               "gradient_checkpointing", "compile"}
 
 
 # --- checks -------------------------------------------------------------------------------------
@@ -370,8 +373,8 @@ class FineTune:
         self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no",
                                              cpu=not torch.cuda.is_available())
         self.main = acc.is_main_process
-        # no cache of bf16 weight copies (a model-sized buffer): each use casts again, ~2% slower
-        self.autocast = lambda: acc.autocast(AutocastKwargs(cache_enabled=False))
+        # lean: no cache of bf16 weight copies (a model-sized buffer): each use casts again, ~2% slower
+        self.autocast = lambda: acc.autocast(AutocastKwargs(cache_enabled=not cfg.lean_memory))
         self.resume_from = self._check_out_dir()
         acc.wait_for_everyone()  # every process has looked at OUT before the main one writes to it
         self._load_data()
@@ -401,6 +404,7 @@ class FineTune:
             model.gradient_checkpointing = cfg.gradient_checkpointing
         elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.compiled = compile_blocks(model) if cfg.compile else []
         model.train()
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
@@ -575,6 +579,8 @@ class FineTune:
                    "tokens_per_s": self.session_tokens / self.train_time if self.train_time else None,
                    "peak_memory_mb": round(peak_memory_mb(acc.device), 1)}
         model = acc.unwrap_model(self.model, keep_fp32_wrapper=False)  # drops the autocast forward wrapper
+        for block in self.compiled:  # the model leaves as it came: eager
+            del block.forward
         if self.main:
             if hasattr(model, "gradient_checkpointing") and not callable(model.gradient_checkpointing):
                 model.gradient_checkpointing = False
@@ -639,6 +645,35 @@ class FineTune:
             return
         rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
         write_text(self.metrics_path, "".join(r + "\n" for r in rows if json.loads(r).get("step", 0) <= up_to_step))
+
+
+def compile_blocks(model) -> list:
+    """torch.compile the forward of every stag Block (the same code at every depth: one compile)."""
+    from .model import Block
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.forward = _compiled_or_eager(block)
+    return blocks
+
+
+def _compiled_or_eager(block):
+    """The block's forward through torch.compile; where compiling fails (no C++ compiler, an
+    unsupported op) it warns once and runs eagerly from then on."""
+    import warnings
+    compiled = torch.compile(block.forward, dynamic=False)
+    # how non-reentrant checkpointing ends a recomputation early: control flow, not a failure
+    control_flow = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
+
+    def forward(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except control_flow:
+            raise
+        except Exception as err:  # noqa: BLE001  (a compiler problem must not stop training)
+            warnings.warn(f"--compile failed ({type(err).__name__}: {str(err)[:120]}); training eagerly")
+            del block.forward
+            return block.forward(*args, **kwargs)
+    return forward
 
 
 def teacher_for(teacher, bf16: bool):
