@@ -213,7 +213,11 @@ def check_output_dir(out: Path, force: bool, protected=()):
     """Refuse an OUT that exists (without --force) or that --force must not delete: anything but a
     previous stag output, the current directory, a protected path (the source) or one of its parents."""
     out = Path(out)
+    for path in protected:  # writing into the source checkpoint would change it
+        if Path(path).resolve() in out.resolve().parents:
+            raise StagError(f"{out} is inside the source {path}; choose an output outside it")
     if not (out.exists() or out.is_symlink()):
+        writable_parent(out)
         return
     if not force:
         raise StagError(f"{out} already exists; pass --force to replace it")
@@ -225,6 +229,21 @@ def check_output_dir(out: Path, force: bool, protected=()):
             raise StagError(f"--force will not replace {out}: it is or contains {what}")
     if not (out.is_dir() and is_stag_output(out)):
         raise StagError(f"--force replaces only a previous stag output; {out} is not one (no stag config.json)")
+
+
+def writable_parent(out: Path):
+    """Fail now, before minutes of loading, if OUT's directory cannot be created or written."""
+    import tempfile
+    parent = Path(out).absolute().parent
+    while not parent.exists():  # the nearest existing ancestor: nothing is created here
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory", str(parent))
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise StagError(f"cannot write {out}: {err.strerror or err} ({parent})") from None
 
 
 def is_stag_output(path: Path) -> bool:

@@ -714,7 +714,8 @@ def finetune_paths(model_path: str, out_dir, cfg: TrainConfig, resume: bool = Fa
     control), the teacher named by cfg.distill_from, and train."""
     from transformers import AutoTokenizer
 
-    from .convert import load_model
+    from .convert import load_model, writable_parent
+    writable_parent(Path(out_dir) / "run.json")  # before minutes of loading
     for cb in callbacks:
         cb.on_phase(f"loading {model_path}")
     model, tokenizer = load_model(model_path)

@@ -38,7 +38,11 @@ def bench(
         sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
     except ValueError:
         raise StagError(f"--batch-sizes must be comma-separated integers, not '{batch_sizes}'") from None
-    bar = progress_bar()
+    from ..bench import check_settings
+    from ..devices import resolve_device
+    check_settings(sizes, prompt_len, new_tokens, repeats, dtype)
+    resolve_device(device)
+    bar = progress_bar(transient=True)
     task = bar.add_task("bench", total=None)
 
     def progress(label, done, total):

@@ -17,7 +17,8 @@ def experiment(
                                  "data, variants, fine-tuning budget, eval tasks, bench and scratch settings."),
     out: str = typer.Option("runs/experiment", help="Working directory for converted and fine-tuned models "
                             "(reused: finished steps are skipped when the command is run again)."),
-    results: str = typer.Option("docs/results", help="Where results.json, results.md and the plots go."),
+    results: Optional[str] = typer.Option(None, help="Where results.json, results.md and the plots go "
+                                          "(default: OUT/results; copy them into docs/ yourself)."),
     tiny: bool = typer.Option(False, "--tiny", help="Apply the recipe's `tiny:` overrides: a small model "
                               "trained here from scratch stands in for the source (minutes on a CPU)."),
     variants: Optional[str] = typer.Option(None, help="Comma-separated variant names from the recipe to run "
@@ -37,6 +38,7 @@ def experiment(
     def report(who, what):
         err_console.print(f"[bold]{who}[/]: {what}", highlight=False)
 
+    results = results or str(Path(out) / "results")
     summary = run_experiment(recipe, out, results, tiny=tiny, report=report, variants=comma_list(variants),
                              max_tokens=max_tokens, skip=comma_list(skip))
     console.print((Path(results) / "results.md").read_text(), markup=False, highlight=False)
