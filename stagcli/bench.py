@@ -70,8 +70,9 @@ def count_decode_ops(model, batch_size: int = 1) -> dict:
 
 def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
                  warmup: int = 1, device: str | None = None, dtype: str = "float32", compile: bool = False,
-                 recurrent: bool = False) -> dict:
-    """Time the decode engine. `model`: a StagForCausalLM or anything load_model() takes."""
+                 recurrent: bool = False, prompt=None) -> dict:
+    """Time the decode engine. `model`: a StagForCausalLM or anything load_model() takes.
+    prompt: [batch, prompt_len] token ids (default: fixed random tokens)."""
     from .convert import DTYPES, load_model
     from .decode import DecodeEngine
     dev = resolve_device(device)
@@ -79,7 +80,7 @@ def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: 
         model = load_model(str(model), dtype)[0]
     model = model.to(dev, DTYPES[dtype]).eval()
     engine = DecodeEngine(model, batch_size, prompt_len + new_tokens + 1, compile=compile, recurrent=recurrent)
-    prompt = _prompt(model.config.vocab_size, batch_size, prompt_len, dev)
+    prompt = _prompt(model.config.vocab_size, batch_size, prompt_len, dev) if prompt is None else prompt.to(dev)
     step_ms, prefill_ms = [], []
     with torch.no_grad():
         for run in range(warmup + repeats):
@@ -106,34 +107,73 @@ def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: 
             "ops_per_step": count_decode_ops(model, batch_size)}
 
 
-def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,
-                      repeats: int = 5, warmup: int = 1, device: str | None = None, dtype: str = "float32") -> dict:
-    """transformers' own generate(cache_implementation="static"), greedy, on a checkpoint path or a
-    loaded transformers model. Per-token decode time is
-    (time for new_tokens - time for 1 token) / (new_tokens - 1), which removes prefill."""
-    from .convert import DTYPES, load_hf_model
-    dev = resolve_device(device)
-    hf = load_hf_model(source)[0] if isinstance(source, (str, os.PathLike)) else source
-    hf = hf.to(dev, DTYPES[dtype]).eval()
-    prompt = _prompt(hf.config.vocab_size, batch_size, prompt_len, dev)
-
+def _per_token_ms(generate_n, new_tokens: int, repeats: int, warmup: int, dev) -> list[float]:
+    """(time for new_tokens - time for 1 token) / (new_tokens - 1) per timed run: decode time per
+    token without the prefill, for systems that time only as a whole."""
     def timed(n):
         _sync(dev)
         t0 = time.perf_counter()
-        hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                    do_sample=False, cache_implementation="static", pad_token_id=0)
+        generate_n(n)
         _sync(dev)
         return (time.perf_counter() - t0) * 1e3
-
     per_token = []
     with torch.no_grad():
         for run in range(warmup + repeats):
             full, first = timed(new_tokens), timed(1)
             if run >= warmup:
                 per_token.append(max(full - first, 1e-6) / (new_tokens - 1))
+    return per_token
+
+
+def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
+                   warmup: int = 1, device: str | None = None, dtype: str = "float32", prompt=None) -> dict:
+    """Verified staggering (stagcli/verify.py), greedy: ms/token, acceptance and tokens per step."""
+    from .convert import DTYPES
+    from .verify import generate_verified
+    dev = resolve_device(device)
+    model = model.to(dev, DTYPES[dtype]).eval()
+    prompt = _prompt(model.config.vocab_size, batch_size, prompt_len, dev) if prompt is None else prompt.to(dev)
+    last = {}
+
+    def run(n):
+        last["stats"] = generate_verified(model, prompt, max_new_tokens=n)[1]
+    per_token = []
+    stats = []
+    for _ in range(warmup + repeats):
+        per_token += _per_token_ms(run, new_tokens, 1, 0, dev)
+        stats.append(last["stats"])
+    per_token, stats = per_token[warmup:], stats[warmup:]
+    ms = statistics.median(per_token)
+    nbytes = _model_bytes(model)
+    drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
+    return {"system": "stag verified", "sections": 2, "shared": False, "batch_size": batch_size,
+            "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms, "model_bytes": nbytes,
+            "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token,
+            "acceptance": accepted / drafted if drafted else None,
+            "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats)}
+
+
+def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,
+                      repeats: int = 5, warmup: int = 1, device: str | None = None, dtype: str = "float32",
+                      prompt=None, prompt_lookup: int = 0) -> dict:
+    """transformers' own generate, greedy, on a checkpoint path or a loaded transformers model: with a
+    static cache, or (prompt_lookup > 0) its lossless prompt-lookup speculative decoding
+    (prompt_lookup_num_tokens; dynamic cache). Per-token decode time as in _per_token_ms."""
+    from .convert import DTYPES, load_hf_model
+    dev = resolve_device(device)
+    hf = load_hf_model(source)[0] if isinstance(source, (str, os.PathLike)) else source
+    hf = hf.to(dev, DTYPES[dtype]).eval()
+    prompt = _prompt(hf.config.vocab_size, batch_size, prompt_len, dev) if prompt is None else prompt.to(dev)
+    how = dict(prompt_lookup_num_tokens=prompt_lookup) if prompt_lookup else dict(cache_implementation="static")
+
+    def run(n):
+        hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, pad_token_id=0, **how)
+    per_token = _per_token_ms(run, new_tokens, repeats, warmup, dev)
     ms = statistics.median(per_token)
     nbytes = _model_bytes(hf)
-    return {"system": "HF generate (static cache)", "sections": 1, "shared": False, "batch_size": batch_size,
+    system = f"HF generate (prompt lookup {prompt_lookup})" if prompt_lookup else "HF generate (static cache)"
+    return {"system": system, "sections": 1, "shared": False, "batch_size": batch_size,
             "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms, "model_bytes": nbytes,
             "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token}
 
@@ -149,9 +189,21 @@ def check_settings(batch_sizes, prompt_len: int, new_tokens: int, repeats: int, 
         raise StagError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
 
 
+def prompts_from(data, tokenizer, batch: int, prompt_len: int):
+    """The first `batch` prompt_len-token pieces of real text (acceptance needs real prompts)."""
+    from .data import load_packed
+    if tokenizer is None:
+        raise StagError("--prompt-data needs the model's tokenizer")
+    packed = load_packed(data, tokenizer, prompt_len)
+    if len(packed) < batch:
+        raise StagError(f"--prompt-data gives {len(packed)} prompts of {prompt_len} tokens; batch {batch} needs more")
+    return packed[:batch]
+
+
 def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 16), prompt_len: int = 128,
               new_tokens: int = 128, repeats: int = 5, warmup: int = 1, device: str | None = None,
-              dtype: str = "float32", compile: bool = False, hf: bool = True, progress=None) -> dict:
+              dtype: str = "float32", compile: bool = False, hf: bool = True, progress=None,
+              prompt_data=None, prompt_lookup: int = 10) -> dict:
     """Every system at every batch size. The baseline defaults to the source recorded by stag convert.
     progress(label, done, total) is called before each measurement and once at the end."""
     from .convert import load_model
@@ -159,7 +211,8 @@ def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 1
     dev = resolve_device(device)
     report = progress or (lambda label, done, total: None)
     report("loading the model", 0, 0)
-    model, _ = load_model(model_path, dtype)
+    model, tokenizer = load_model(model_path, dtype)
+    verified = getattr(model.config, "verified", False)
     if baseline is None:
         baseline = (model.config.stag_recipe or {}).get("source")
         if baseline and not (os.path.exists(baseline) or baseline in _aliases()):
@@ -177,12 +230,21 @@ def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 1
         report("loading the baseline", 0, 0)
         hf_model = load_hf_model(baseline)[0]
         base_model = convert_model(hf_model)
+    prompt = (lambda b: prompts_from(prompt_data, tokenizer, b, prompt_len)) if prompt_data else (lambda b: None)
     for batch in batch_sizes:
-        jobs.append(("staggered", batch, lambda b: bench_engine(model, b, compile=compile, **common)))
+        if verified:
+            jobs.append(("staggered", batch, lambda b: bench_verified(model, b, prompt=prompt(b), **common)))
+        else:
+            jobs.append(("staggered", batch, lambda b: bench_engine(model, b, compile=compile, prompt=prompt(b), **common)))
         if baseline:
-            jobs.append(("baseline (same engine)", batch, lambda b: bench_engine(base_model, b, compile=compile, **common)))
+            jobs.append(("baseline (same engine)", batch,
+                         lambda b: bench_engine(base_model, b, compile=compile, prompt=prompt(b), **common)))
             if hf:
-                jobs.append(("baseline (HF static generate)", batch, lambda b: bench_hf_generate(hf_model, b, **common)))
+                jobs.append(("baseline (HF static generate)", batch,
+                             lambda b: bench_hf_generate(hf_model, b, prompt=prompt(b), **common)))
+                if verified and prompt_lookup:
+                    jobs.append((f"baseline (HF prompt lookup {prompt_lookup})", batch, lambda b: bench_hf_generate(
+                        hf_model, b, prompt=prompt(b), prompt_lookup=prompt_lookup, **common)))
     rows = []
     for done, (name, batch, how) in enumerate(jobs):
         report(f"{name}, batch {batch}", done, len(jobs))
@@ -193,7 +255,7 @@ def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 1
         row["speedup_of_staggered"] = row["ms_per_token"] / ours["ms_per_token"]
     return {"model": model_path, "baseline": baseline, "machine": machine(dev), "device": str(dev),
             "dtype": dtype, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "compile": compile, "rows": rows}
+            "compile": compile, "prompt_data": prompt_data, "rows": rows}
 
 
 def _aliases():

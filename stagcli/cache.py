@@ -70,8 +70,15 @@ class StagCache:
         return [self.key_valid, self.count, self.slot, self.last_out, self.last_emb]
 
     def update_self(self, j, rows: slice, slots, k, v):
-        self.self_k[j, rows].index_copy_(3, slots, k)
-        self.self_v[j, rows].index_copy_(3, slots, v)
+        """Write K/V [S, B, H, T, hd] at `slots`: [T] (every row the same) or [B, T] (each row its own,
+        as verified decoding needs: rows accept drafts independently)."""
+        if slots.dim() == 1:
+            self.self_k[j, rows].index_copy_(3, slots, k)
+            self.self_v[j, rows].index_copy_(3, slots, v)
+        else:
+            index = slots[None, :, None, :, None].expand(k.shape)
+            self.self_k[j, rows].scatter_(3, index, k)
+            self.self_v[j, rows].scatter_(3, index, v)
         return self.self_k[j, rows], self.self_v[j, rows]
 
     def joint(self, j, rows: slice):

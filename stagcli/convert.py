@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -187,7 +188,14 @@ def _init_added(model, filled):
     source's final norm. So a shared conversion computes what the source did, and fine-tuning
     starts from meaningful attention patterns."""
     cfg = model.config
+    if model.section_input is not None:  # a bridge: its MLP starts at zero; stag convert fits the rest
+        for module in model.section_input.modules():
+            model._init_weights(module)
+        for name, buffer in model.section_input.named_buffers():
+            buffer.fill_(1.0)
+            filled.add(f"section_input.{name}")
     if not cfg.cross_sets:
+        filled.update(n for n, _, _ in model.added_weights())
         return
     owners = [0] if cfg.shared else list(range(1, cfg.sections))  # weight set owning each cross set
     for block in model.blocks:
@@ -253,25 +261,88 @@ def is_stag_output(path: Path) -> bool:
         return False
 
 
+def bridge_donor(path: str, layout: Layout, hf_config, family) -> dict:
+    """The bridge weights of stag checkpoint PATH, checked to fit LAYOUT on this source."""
+    from safetensors.torch import load_file
+    if not is_stag_output(Path(path)):
+        raise StagError(f"--bridge-from {path}: not a stag checkpoint (no stag config.json)")
+    donor = json.loads((Path(path) / "config.json").read_text())
+    want = {"section_input": layout.bridge, "sections": layout.sections,
+            "hidden_size": _hparam(family, hf_config, "hidden_size"),
+            "num_layers": _hparam(family, hf_config, "num_layers")}
+    wrong = [f"{k} {donor.get(k)} (need {v})" for k, v in want.items() if donor.get(k) != v]
+    if wrong:
+        raise StagError(f"--bridge-from {path}: its bridge does not fit this conversion: {', '.join(wrong)}")
+    weights = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        weights.update({k[len("section_input."):]: v for k, v in load_file(file).items()
+                        if k.startswith("section_input.")})
+    if not weights:
+        raise StagError(f"--bridge-from {path}: holds no bridge weights")
+    return weights
+
+
 def convert(src: str, out: str, layout: Layout = Layout(), dtype: str = "float32", force: bool = False,
-            progress=None) -> ConvertResult:
-    """Read SRC, stagger it, write OUT atomically (a temporary directory renamed at the end)."""
+            progress=None, calibrate=None, calibrate_tokens: int = 65536, calibrate_progress=None,
+            bridge_from: Optional[str] = None) -> ConvertResult:
+    """Read SRC, stagger it, write OUT atomically (a temporary directory renamed at the end).
+    calibrate: text (data specs) on which a --bridge is fitted, calibrate_tokens of it.
+    bridge_from: a stag checkpoint of the same source and split whose (trained) bridge is copied
+    instead, e.g. a split conversion whose bridge was trained with `finetune --train bridge`."""
     out_path = Path(out)
     if dtype not in DTYPES:
         raise StagError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype}'")
+    if calibrate and bridge_from:
+        raise StagError("give --calibrate (fit a new bridge) or --bridge-from (copy a trained one), not both")
+    if bridge_from and not layout.bridge:
+        raise StagError("--bridge-from copies a bridge: give --bridge ridge or mlp too")
+    if layout.bridge and not (calibrate or bridge_from):
+        raise StagError(f"--bridge {layout.bridge} is fitted on text: give --calibrate DATA (e.g. kjv:train) "
+                        "or --bridge-from a checkpoint with a trained bridge")
+    if calibrate and not layout.bridge:
+        raise StagError("--calibrate fits a bridge: give --bridge ridge or mlp")
+    if calibrate and calibrate_tokens < 1:
+        raise StagError(f"--calibrate-tokens must be >= 1, not {calibrate_tokens}")
     source = Path(resolve_alias(src))
     check_output_dir(out_path, force, protected=[source] if source.exists() else [])
     hf_config = load_hf_config(src)
     family = family_of(hf_config)
     num_layers = _hparam(family, hf_config, "num_layers")
     layout.validate(num_layers)  # before the (slow) weight load
+    donor = bridge_donor(bridge_from, layout, hf_config, family) if bridge_from else None
+    if calibrate:
+        from .bridge import is_self_spec
+        from .data import resolve_sources
+        real = [s for s in calibrate if not is_self_spec(s)]
+        if real:
+            resolve_sources(real)  # a missing file fails now, not after the weight load
     report = progress or (lambda msg: None)
     report("loading source weights")
     hf_model, tokenizer = load_hf_model(src)
     recipe = {"tool": "stag convert", "source": str(src), "source_model_type": hf_config.model_type,
               "source_layers": num_layers, **layout.as_dict(), "dtype": dtype}
     report("staggering")
-    model = convert_model(hf_model, layout, recipe).to(DTYPES[dtype])
+    if calibrate:
+        recipe.update(calibrate=calibrate, calibrate_tokens=calibrate_tokens)
+    model = convert_model(hf_model, layout, recipe)
+    if calibrate:
+        from .bridge import calibration_ids, fit_ridge, is_self_spec, self_text
+        if any(is_self_spec(s) for s in calibrate):
+            report("sampling the source's own text")
+            source = convert_model(hf_model, Layout(sections=1))
+            calibrate = [self_text(source, tokenizer, s, progress=calibrate_progress) if is_self_spec(s) else s
+                         for s in calibrate]
+            del source
+        report("fitting the bridge")
+        del hf_model  # not needed any more: the converted sections hold the source's layers
+        fit_ridge(model, calibration_ids(calibrate, tokenizer, calibrate_tokens), progress=calibrate_progress)
+    if donor is not None:
+        recipe["bridge_from"] = str(bridge_from)
+        try:
+            model.section_input.load_state_dict(donor)
+        except RuntimeError as e:  # another bridge width: name the first mismatch only
+            raise StagError(f"--bridge-from {bridge_from}: its bridge does not fit: {str(e).splitlines()[-1].strip()}")
+    model = model.to(DTYPES[dtype])
     report("writing")
     with new_dir(out_path, replace=force) as tmp:
         model.save_pretrained(tmp)
@@ -280,8 +351,10 @@ def convert(src: str, out: str, layout: Layout = Layout(), dtype: str = "float32
         write_json(tmp / "stag_recipe.json", recipe)
         tmp.chmod(0o755)
     size = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
-    return ConvertResult(out_path, model.config, sum(p.numel() for p in hf_model.parameters()),
-                         sum(p.numel() for p in model.parameters()), size)
+    added = sum(p.numel() for _, p, index in model.added_weights() if index is None) + sum(
+        p[index].numel() for _, p, index in model.added_weights() if index is not None)
+    total = sum(p.numel() for p in model.parameters())
+    return ConvertResult(out_path, model.config, total - added, total, size)
 
 
 def load_model(path: str, dtype: str = "float32"):

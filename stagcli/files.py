@@ -50,48 +50,41 @@ def clean_stale(target: Path):
             remove(leftover)
 
 
-def write_text(path, text: str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = temp_path(path)
+@contextmanager
+def _temporary(near, make=None):
+    """A temporary path beside `near` (made by `make`, if given), removed at the end whatever happens."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(near)
+    tmp = temp_path(near)
+    if make is not None:
+        make(tmp)
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        yield tmp
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+        remove(tmp)
 
 
 @contextmanager
 def new_file(path):
     """Yields a temporary path to write; renamed to `path` when the block ends without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
-    tmp = temp_path(path)
-    try:
+    with _temporary(path) as tmp:
         yield tmp
         os.replace(tmp, path)
-    finally:
-        remove(tmp)
 
 
-@contextmanager
 def scratch_dir(near):
     """A temporary directory named after `near` (beside it), removed at the end whatever happens."""
-    near = Path(near)
-    near.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(near)
-    tmp = temp_path(near)
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        remove(tmp)
+    return _temporary(near, Path.mkdir)
+
+
+def write_text(path, text: str):
+    with new_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def publish(tmp: Path, target: Path, replace: bool = False):

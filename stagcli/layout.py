@@ -11,9 +11,9 @@ from typing import Optional
 from .cross_attention import FORMS
 from .errors import StagError
 from .options import check_choices, from_dict, option
-from .section_input import INITS
+from .section_input import BRIDGES, INITS
 
-MODES = ("split", "shared")
+MODES = ("split", "shared", "verify")
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,10 @@ class Layout:
                               "shared: number of passes.", flags=("--sections", "-p"))
     mode: str = option("split", "split: layers 1..L/p form section 1, the next L/p section 2, ... (separate "
                                 "weights). shared: every section is a pass through all L layers (shared "
-                                "weights); with zero cross-attention it reproduces the source exactly.",
+                                "weights); with zero cross-attention it reproduces the source exactly. verify: "
+                                "the source itself, split in two sections that decode at the same time and check "
+                                "each other: the source's exact output, faster by how often the --bridge's draft "
+                                "is right (stag generate / bench; docs/performance.md).",
                        choices=MODES)
     window: Optional[int] = option(None, "Bounded cross-attention: a section sees only the previous W "
                                          "outputs of the section below (default: all).")
@@ -30,6 +33,10 @@ class Layout:
                                "zero-output cross-attention (the paper's form). lagged: also u(i-1) - "
                                "E(x(i-1)) from the section below, approximating the missing lower layers "
                                "(split mode only).", choices=INITS)
+    bridge: Optional[str] = option(None, "Predict what section k>1 lost (the source's residual stream at the "
+                                         "boundary) from what it may see: ridge, a linear map fitted in closed form "
+                                         "on --calibrate text; mlp, the same plus an MLP to train with stag finetune "
+                                         "--objective bridge (docs/bridge.md). Split mode only.", choices=BRIDGES)
     cross_attn: str = option("sequential", "Where cross-attention sits in a layer. sequential: the paper's "
                                            "extra sublayer after self-attention (own norm, query and output "
                                            "projections). parallel: it reads the same norm(x) as self-attention, "
@@ -51,18 +58,30 @@ class Layout:
         """The layout, or a StagError naming the option that cannot work with this model."""
         if self.sections < 1:
             raise StagError(f"--sections must be >= 1, not {self.sections}")
+        if self.mode == "verify":
+            if self.sections != 2 or not self.bridge or self.window is not None:
+                raise StagError("--mode verify takes --sections 2 and a --bridge (ridge or mlp), no --window")
+            if num_layers % 2:
+                raise StagError(f"--mode verify splits the model's {num_layers} layers in two halves: needs an even count")
         if self.mode == "split" and num_layers % self.sections:
             raise StagError(f"--sections {self.sections} does not divide the model's {num_layers} layers")
         if self.window is not None and self.window < 1:
             raise StagError(f"--window must be >= 1, not {self.window}")
         if self.init == "lagged" and (self.mode != "split" or self.sections < 2):
             raise StagError("--init lagged applies to --mode split with --sections >= 2")
+        if self.bridge and (self.mode == "shared" or self.sections < 2):
+            raise StagError("--bridge applies to --mode split with --sections >= 2 (a shared or 1-section model "
+                            "has no missing input to predict)")
+        if self.bridge and self.init != "zero":
+            raise StagError("--bridge replaces --init; give one of them")
         return self
 
     def config_fields(self) -> dict:
         """The StagConfig fields that carry this layout."""
+        verified = self.mode == "verify"
         return dict(sections=self.sections, shared=self.shared, window=self.window,
-                    section_input=self.init, cross_attn=self.cross_attn)
+                    section_input=self.bridge or self.init, cross_attn="none" if verified else self.cross_attn,
+                    exact_first=self.mode != "shared" and self.sections > 1, verified=verified)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -150,7 +150,6 @@ class Batch:
     head: torch.Tensor
     teacher_hidden: torch.Tensor | None = None
     teacher_head: torch.Tensor | None = None
-    extras: dict | None = None  # e.g. intermediate states for a hidden-state loss
 
 
 class HeadLoss:

@@ -39,7 +39,7 @@ class StagConfig(PretrainedConfig):
                  qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None,
                  tie_embeddings=True,
                  sections=1, shared=False, window=None, section_input="zero", cross_attn="sequential",
-                 stag_recipe=None, **kwargs):
+                 exact_first=False, bridge_hidden=2048, verified=False, stag_recipe=None, **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -58,6 +58,12 @@ class StagConfig(PretrainedConfig):
         self.sections, self.shared, self.window = sections, shared, window
         self.section_input = section_input  # see section_input.INPUTS
         self.cross_attn = cross_attn        # see cross_attention.FORMS
+        # position 0 of section s reads section s-1's output there (never a decode step: exact, free)
+        self.exact_first = exact_first
+        self.bridge_hidden = bridge_hidden  # width of the mlp bridge (section_input="mlp")
+        # verified staggering (stagcli/verify.py): the source split in two; the full forward is the
+        # source itself (section 2 reads section 1's output at the same position), the bridge drafts
+        self.verified = verified
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
         kwargs.setdefault("tie_word_embeddings", False)  # we tie by reusing embed.weight, not HF's tying
         super().__init__(**kwargs)
@@ -72,7 +78,9 @@ class StagConfig(PretrainedConfig):
 
     @property
     def cross_sets(self) -> int:  # cross-attention weight sets (sections 2..p, or one shared set)
-        return 0 if self.sections == 1 else (1 if self.shared else self.sections - 1)
+        if self.sections == 1 or self.cross_attn == "none":
+            return 0
+        return 1 if self.shared else self.sections - 1
 
 
 class Run:
@@ -219,11 +227,14 @@ class StagForCausalLM(PreTrainedModel):
     def rope_for(self, place: Place):
         return None if self.rope is None else self.rope(place.positions, place.length, self.embed.weight.dtype)
 
-    def run_blocks(self, x, sections: slice, place: Place, cache=None, memory=None, rope=None):
+    def run_blocks(self, x, sections: slice, place: Place, cache=None, memory=None, rope=None, cross: bool = True):
         """Sections `sections` (global indices, rows of x [S, B, T, d]) through every depth.
         memory: the normalised memory of the rows with cross-attention, for new slots (training,
-        prefill); a decode step writes it with write_memory instead."""
+        prefill); a decode step writes it with write_memory instead. cross=False: no
+        cross-attention (the source's own layers, as in exact_outputs)."""
         run = Run(self, sections, place, cache, memory, rope if rope is not None else self.rope_for(place))
+        if not cross:
+            run.first_cross = None
         for j, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, run, j, use_reentrant=False)
@@ -255,13 +266,17 @@ class StagForCausalLM(PreTrainedModel):
         them (None for s = 0). Returns [B, T, d]; with a cache, fills its K/V (prefill; then
         remember_last() records what the next step's section inputs read)."""
         x, memory = emb, None
-        if s > 0:
+        if s > 0 and self.config.verified:  # the source's own computation: the exact input
+            x = below
+        elif s > 0:
             prev_below = torch.cat([(cache.last_out[s - 1] if cache is not None else torch.zeros_like(below[:, 0]))[:, None],
                                     below[:, :-1]], 1)
             prev_emb = torch.cat([(cache.last_emb if cache is not None else torch.zeros_like(emb[:, 0]))[:, None],
                                   emb[:, :-1]], 1)
             prev_ok = torch.cat([place.prev_valid[:, None], place.valid[:, :-1]], 1)
             x = self.section_inputs(emb, prev_emb, prev_below[None], prev_ok, slice(s, s + 1))[0]
+            if self.config.exact_first:  # a prompt's first token: section s-1's output there is known
+                x = torch.where(((place.positions == 0) & place.valid)[..., None], below, x)
             if self.mem_norm is not None:
                 memory = self.mem_norm(below[None], self._sets(slice(s, s + 1)))
         return self.run_blocks(x[None], slice(s, s + 1), place, cache, memory)[0]
@@ -289,10 +304,42 @@ class StagForCausalLM(PreTrainedModel):
             cache.last_out[s] = out[:, -1]
         cache.last_emb.copy_(emb[:, -1])
 
+    def exact_outputs(self, input_ids, attention_mask=None, upto: int | None = None) -> list:
+        """Every section's output [B, T, d] when each reads the section below's output at the SAME
+        position and no cross-attention: the source model's residual stream at the section
+        boundaries, while the sections hold the source's layers (targets for the bridges, and the
+        exact rows of verified decoding)."""
+        place = self.place(input_ids, attention_mask)
+        x, outputs = self.embed_tokens(input_ids, place.positions), []
+        for s in range(self.config.sections if upto is None else upto):
+            x = self.run_blocks(x[None], slice(s, s + 1), place, cross=False)[0]
+            outputs.append(x)
+        return outputs
+
+    def bridge_errors(self, input_ids, attention_mask=None):
+        """Per section boundary, how far the section input (a bridge) is from what the source's lower
+        layers give at the same position: mean squared error over the mean square of the target, on
+        positions > 0 (position 0 reads the exact value). The targets come from exact_outputs under
+        no_grad: only the bridges get gradients. Returns [sections - 1]."""
+        with torch.no_grad():
+            emb = self.embed_tokens(input_ids, self.place(input_ids, attention_mask).positions)
+            targets = torch.stack(self.exact_outputs(input_ids, attention_mask, upto=self.config.sections - 1))
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        shift = lambda t: torch.cat([torch.zeros_like(t[..., :1, :]), t[..., :-1, :]], -2)
+        prev_ok = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], 1)
+        pred = self.section_inputs(emb, shift(emb), shift(targets), prev_ok, slice(1, self.config.sections))
+        keep = (prev_ok & valid)[None, ..., None].to(pred.dtype)
+        err = ((pred.float() - targets.float()) ** 2 * keep).sum((1, 2, 3))
+        return err / ((targets.float() ** 2) * keep).sum((1, 2, 3)).clamp(min=1e-12)
+
     def forward(self, input_ids, attention_mask=None, labels=None, logits_to_keep: int = 0,
-                output_hidden_states: bool = False, **unused):
+                output_hidden_states: bool = False, bridge_errors: bool = False, **unused):
         """As transformers' causal LMs: logits for the last `logits_to_keep` positions (0: all);
-        hidden_states = (last section's output, its final-normed form) when asked."""
+        hidden_states = (last section's output, its final-normed form) when asked.
+        bridge_errors=True: only bridge_errors() as `loss` (the cheap bridge training, through the
+        model's own forward so that data-parallel training syncs it)."""
+        if bridge_errors:
+            return CausalLMOutputWithPast(loss=self.bridge_errors(input_ids, attention_mask))
         hidden = self.run_sections(input_ids, attention_mask)
         normed = self.final_hidden(hidden)
         logits = F.linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.head_weight)
@@ -357,6 +404,18 @@ class StagForCausalLM(PreTrainedModel):
             sections = slice(self.config.sections - 1, self.config.sections) if recurrent else slice(1, self.config.sections)
             self.write_memory(out[-1:] if recurrent else out[:-1], cache, place, sections, memory_kv)
         return self.logits(out[-1])
+
+    def verify_step(self, tokens, place: Place, u_prev, cache: StagCache):
+        """One step of verified decoding (stagcli/verify.py): tokens [B, 2] at positions t-1, t (per
+        row, place.slots [B, 2]). Section 1 runs both; section 2 runs position t-1 on the exact input
+        u_prev [B, d] and position t on the bridge's prediction, one batched op per depth for both
+        sections. Returns (section 2's logits [B, 2, V], section 1's outputs [B, 2, d])."""
+        emb = self.embed_tokens(tokens, place.positions)
+        ones = torch.ones_like(tokens[:, :1], dtype=torch.bool)
+        draft = self.section_inputs(emb[:, 1:], emb[:, :1], u_prev[None, :, None], ones, slice(1, 2))[0]
+        x = torch.stack([emb, torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)])
+        out = self.run_blocks(x, slice(0, 2), place, cache, cross=False)
+        return self.logits(out[1]), out[0]
 
     def memory_kv_weights(self):
         """Every depth's cross-attention K/V projection stacked into one weight [C, depth*2*kv, d]

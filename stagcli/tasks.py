@@ -155,16 +155,15 @@ def build_docs(seed: int = SEED) -> dict[str, list[dict]]:
 
 def write_tasks(out_dir: Path = DEFAULT_DIR, seed: int = SEED) -> dict[str, Path]:
     """Write <task>.jsonl for every local task into out_dir (the YAMLs live there already)."""
+    from .files import new_file
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, rows in build_docs(seed).items():
         path = out_dir / f"{name}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        with tmp.open("w") as f:
+        with new_file(path) as tmp, tmp.open("w") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
         written[name] = path
     return written
 

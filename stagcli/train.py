@@ -72,9 +72,21 @@ class TrainConfig:
     max_tokens: Optional[int] = option(None, "Token budget (global batch x seq-len per step); with "
                                              "--max-steps the smaller wins.")
     epochs: float = option(1.0, "Passes over the data when neither --max-steps nor --max-tokens is given.")
+    max_minutes: Optional[float] = option(None, "Stop (and write the final model) once this many minutes of "
+                                                "training have passed in this session, whatever budget is left.")
     train: str = option("all", "all: train every weight. cross: train only what staggering added "
-                               "(cross-attention, memory norm; not for --cross-attn parallel models).",
-                        choices=("all", "cross"))
+                               "(cross-attention, memory norm, bridge; not for --cross-attn parallel models). "
+                               "bridge: only the bridge (a model converted with --bridge).",
+                        choices=("all", "cross", "bridge"))
+    objective: str = option("lm", "lm: the next-token loss, (1-alpha) LM + alpha KL when distilling. bridge: only "
+                                  "the bridges, regressed onto the source's residual stream at each section "
+                                  "boundary (cheap: the model runs forward only, without gradients). lm+bridge: "
+                                  "both, the regression weighted by --bridge-weight.",
+                            choices=("lm", "bridge", "lm+bridge"))
+    bridge_weight: float = option(1.0, "Weight of the bridge regression in --objective lm+bridge.")
+    hidden_weight: float = option(0.0, "Hidden-state distillation: add this x the mean squared distance between "
+                                       "the last section's output and the teacher's final residual stream "
+                                       "(relative to the latter's mean square). Needs --distill-from.")
     cross_lr_scale: Optional[float] = option(
         None, "Learning-rate multiplier for the weights staggering added (cross-attention, memory norm). Below 1 "
               "it keeps Adam's first steps on the zero-initialised cross-attention output from jolting a model "
@@ -112,7 +124,7 @@ class TrainConfig:
 
 
 # Options that do not change which weights come out; everything else must match on --resume.
-BOOKKEEPING = {"save_every", "save_every_minutes", "keep_checkpoints", "eval_every", "eval_sequences", "lean_memory",
+BOOKKEEPING = {"max_minutes", "save_every", "save_every_minutes", "keep_checkpoints", "eval_every", "eval_sequences", "lean_memory",
                "gradient_checkpointing", "compile"}
 
 
@@ -147,6 +159,14 @@ def validate(cfg: TrainConfig, model) -> TrainConfig:
     if cfg.cross_lr_scale < 0:
         raise StagError(f"--cross-lr-scale must be >= 0, not {cfg.cross_lr_scale}")
     check_choices(cfg)
+    bridged = bool(list(getattr(getattr(model, "section_input", None), "parameters", lambda: [])()))
+    if (cfg.train == "bridge" or "bridge" in cfg.objective) and not bridged:
+        raise StagError("--train bridge / --objective bridge: this model has no learned bridge "
+                        "(convert it with --bridge ridge or mlp)")
+    if cfg.objective == "bridge" and cfg.train != "bridge":  # only the bridge has a gradient anyway
+        cfg = dataclasses.replace(cfg, train="bridge")
+    if cfg.hidden_weight and not cfg.distill_from:
+        raise StagError("--hidden-weight distils hidden states: give --distill-from TEACHER")
     if cfg.train == "cross":
         added = added_weights(model)
         if not added:
@@ -192,7 +212,10 @@ def added_weights(model) -> list:
 def trainable_parameters(model, which: str) -> list[tuple[str, torch.nn.Parameter]]:
     """Freeze what is not trained; return the (name, parameter) pairs that are."""
     named = list(model.named_parameters())
-    if which == "cross":
+    if which == "bridge":  # the bridge, less what was fitted in closed form (section_input.MLP.fitted)
+        fitted = tuple(f"section_input.{name}." for name in getattr(model.section_input, "fitted", ()))
+        chosen = [(n, p) for n, p in named if n.startswith("section_input.") and not n.startswith(fitted)]
+    elif which == "cross":
         chosen = [(n, p) for n, p, index in added_weights(model) if index is None]
         if not chosen:
             raise StagError(NO_CROSS)
@@ -309,13 +332,32 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+@torch.no_grad()
+def nll_totals(model, ids, batch_size: int, autocast=contextlib.nullcontext, on_batch=None) -> torch.Tensor:
+    """[summed next-token NLL, predicted tokens] (float64) of sequences ids [N, T], batch by batch."""
+    device = model.get_input_embeddings().weight.device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for n, i in enumerate(range(0, len(ids), batch_size), 1):
+        batch = ids[i:i + batch_size].to(device)
+        with autocast():
+            loss_sum, count = lm_loss_sum(*hidden_and_head(model, batch), batch)
+        total += torch.stack([loss_sum.double(), torch.tensor(count, dtype=torch.float64, device=device)])
+        if on_batch is not None:
+            on_batch(n)
+    return total
+
+
+def unwrapped_head(model):
+    """The output head weight [V, d] of a model, DDP-wrapped or not."""
+    return getattr(model, "module", model).get_output_embeddings().weight
+
+
 def hidden_and_head(model, ids):
     """Final (normed) hidden states [B, T, d] and the output head weight [V, d], for stag models and
     transformers' causal LMs alike. Goes through the model's own forward (DDP needs that); logits
     only for the last position (logits_to_keep=1), the rest is the losses' job."""
     out = model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
-    inner = getattr(model, "module", model)  # DDP-wrapped or not
-    return out.hidden_states[-1], inner.get_output_embeddings().weight
+    return out.hidden_states[-1], unwrapped_head(model)
 
 
 # --- the recipe -----------------------------------------------------------------------------------
@@ -478,12 +520,26 @@ class FineTune:
     # --- the pieces of a run ----------------------------------------------------------------------
     def losses(self, ids):
         """(objective, {term: value}) for one micro-batch."""
-        hidden, head = hidden_and_head(self.model, ids)
-        t_hidden = t_head = None
+        cfg, terms, total = self.cfg, {}, 0.0
+        if "bridge" in cfg.objective:  # through the model's forward (data-parallel sync)
+            mse = self.model(input_ids=ids, bridge_errors=True).loss.mean()
+            terms["bridge_mse"] = mse.detach()
+            total = mse * (cfg.bridge_weight if cfg.objective == "lm+bridge" else 1.0)
+            if cfg.objective == "bridge":
+                return total, terms
+        out = self.model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+        batch = Batch(ids, out.hidden_states[-1], unwrapped_head(self.model))
         if self.teacher is not None:
             with torch.no_grad():
-                t_hidden, t_head = hidden_and_head(self.teacher, ids)
-        return self.loss(Batch(ids, hidden, head, t_hidden, t_head))
+                t_out = self.teacher(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
+            batch.teacher_hidden, batch.teacher_head = t_out.hidden_states[-1], unwrapped_head(self.teacher)
+            if cfg.hidden_weight:  # the last section's raw output vs the teacher's final residual stream
+                student, target = out.hidden_states[0].float(), t_out.hidden_states[0].float()
+                hidden = (student - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+                terms["hidden_loss"] = hidden.detach()
+                total = total + cfg.hidden_weight * hidden
+        head_total, head_terms = self.loss(batch)
+        return total + head_total, {**head_terms, **terms}
 
     def step(self) -> dict:
         """One optimizer step; returns its metrics row."""
@@ -531,15 +587,8 @@ class FineTune:
         was_training = model.training
         model.eval()
         mine = self.data.heldout[:cfg.eval_sequences][acc.process_index::acc.num_processes]
-        batches = range(0, len(mine), cfg.batch_size)
-        self.emit("on_eval_start", len(batches))
-        total = torch.zeros(2, dtype=torch.float64, device=acc.device)
-        for n, i in enumerate(batches, 1):
-            ids = mine[i:i + cfg.batch_size].to(acc.device)
-            with self.autocast():
-                loss_sum, count = lm_loss_sum(*hidden_and_head(model, ids), ids)
-            total += torch.stack([loss_sum.double(), torch.tensor(count, dtype=torch.float64, device=acc.device)])
-            self.emit("on_eval_batch", n)
+        self.emit("on_eval_start", math.ceil(len(mine) / cfg.batch_size))
+        total = nll_totals(model, mine, cfg.batch_size, self.autocast, lambda n: self.emit("on_eval_batch", n))
         total = acc.reduce(total, "sum")
         model.train(was_training)
         return (total[0] / total[1]).item()
@@ -622,7 +671,8 @@ class FineTune:
             self.log(row)
         while self.step_no < self.total_steps:
             self.row = row = self.step()
-            done = self.step_no == self.total_steps
+            out_of_time = bool(cfg.max_minutes) and self._agreed(time.time() - self.started >= 60 * cfg.max_minutes)
+            done = self.step_no == self.total_steps or out_of_time
             if self.step_no % cfg.eval_every == 0 or done:
                 self.evaluate_into(row)
             self.log(row)
@@ -630,6 +680,8 @@ class FineTune:
             overdue = cfg.save_every_minutes and time.time() - self.last_save_time >= 60 * cfg.save_every_minutes
             if self.step_no % cfg.save_every == 0 or done or self._agreed(overdue):
                 self.save()
+            if out_of_time:
+                break
         return self.finish()
 
     def _agreed(self, flag: bool) -> bool:

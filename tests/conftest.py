@@ -52,6 +52,34 @@ def tiny_hf_model(family: str, layers: int = 4, tie: bool = True, seed: int = 0)
     return model.eval()
 
 
+WORDS = "the lord said unto moses go down and speak to the people that they may hear and believe".split()
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Tokenized data and corpora cached under this test's tmp_path."""
+    monkeypatch.setenv("STAG_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path, private_cache):
+    """300 lines of 12 KJV-ish words (a fixed seed), as a text file."""
+    import random
+    rng = random.Random(0)
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(300)))
+    return path
+
+
+@pytest.fixture
+def src(tmp_path):
+    """A tiny Llama checkpoint directory with a tokenizer."""
+    path = tmp_path / "src"
+    tiny_hf_model("llama").save_pretrained(path)
+    tiny_tokenizer(path)
+    return path
+
+
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: save a tiny transformers model to a directory and return (path, model)."""

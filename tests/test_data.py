@@ -112,3 +112,12 @@ def test_corpus_names(tok):
     assert resolve_sources("kjv:heldout")[0].name == "kjv-heldout.jsonl"
     split = build_data("kjv:heldout", tok, 128)
     assert split.train.shape[1] == 128 and len(split.heldout) >= 1
+
+
+def test_a_multiple_of_the_tokenizer_batch_packs(tmp_path):
+    """256 documents (exactly one tokenizer batch) pack without an empty last batch."""
+    from conftest import tiny_tokenizer
+    from stagcli.data import TOKENIZE_BATCH, pack
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"doc {i} and more"}) + "\n" for i in range(TOKENIZE_BATCH)))
+    assert pack([path], tiny_tokenizer(), 8).numel() > 0

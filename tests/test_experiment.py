@@ -136,3 +136,31 @@ def test_experiment_bad_selection(tmp_path, option, value, expected):
     result = runner.invoke(app, ["experiment", str(RECIPE), "--tiny", "--out", str(tmp_path / "w"), option, value])
     assert result.exit_code == 2 and expected in result.output, result.output
     assert not (tmp_path / "w" / "source").exists()  # refused before any work
+
+
+@needs_bible
+def test_bridged_variant_with_a_bridge_stage_and_offdomain_scores(tiny_run, tmp_path):
+    """A variant with a fitted bridge, a bridge-only training stage, then the fine-tune; the recipe's
+    `offdomain:` text is scored for the source and every variant (here: held-out KJV as a stand-in)."""
+    import shutil
+
+    import yaml
+
+    from stagcli.experiment import run_experiment
+    recipe = yaml.safe_load(RECIPE.read_text())
+    recipe["tiny"]["variants"] = {"control": {"sections": 1}, "split2-bridge": {
+        "sections": 2, "bridge": "mlp", "calibrate": ["kjv:train"], "calibrate_tokens": 4096, "distill": True,
+        "bridge_train": {"objective": "bridge", "seq_len": 64, "batch_size": 8, "max_steps": 3, "eval_every": 3,
+                         "eval_sequences": 4}}}
+    recipe["offdomain"] = {"data": "kjv:heldout", "sequences": 4, "seq_len": 64}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    shutil.copytree(tiny_run[0] / "source", tmp_path / "work" / "source")
+    summary = run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", tiny=True,
+                             max_tokens=2 * 8 * 64, skip=["eval", "bench", "scratch"])
+    rows = {r["variant"]: r for r in summary["variants"]}
+    assert rows["split2-bridge"]["init"] == "mlp" and rows["split2-bridge"]["tokens"] == 2 * 8 * 64
+    stage = list((tmp_path / "work" / "bridged").glob("*/bridge-trained/metrics.jsonl"))
+    assert len(stage) == 1 and "bridge_mse" in stage[0].read_text()
+    assert set(summary["offdomain"]["ratio"]) == {"source", "control", "split2-bridge"}
+    assert summary["offdomain"]["ratio"]["source"] == 1.0
+    assert "Off-domain perplexity" in (tmp_path / "results" / "results.md").read_text()

@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -24,20 +23,11 @@ from stagcli.train import Callback, TrainConfig, finetune, finetune_paths
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = "the lord said unto moses go down and speak to the people that they may hear and believe".split()
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("STAG_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = random.Random(0)
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) + "." for _ in range(300)))
-    return path
+def _private_cache(private_cache):
+    pass
 
 
 @pytest.fixture
@@ -348,7 +338,9 @@ def test_smollm2_shared_recipe_smoke(tmp_path):
     perplexity is a real model's, not the ~50k of a broken one."""
     result = runner.invoke(app, ["finetune", "--recipe", str(ROOT / "recipes" / "smollm2-shared.yaml"),
                                  str(tmp_path / "out"), "--max-steps", "2", "--seq-len", "64", "--batch-size", "1",
-                                 "--eval-sequences", "2", "--warmup-steps", "1", "--distill-from", "smollm2-135m"])
+                                 "--eval-sequences", "2", "--warmup-steps", "1", "--distill-from", "smollm2-135m",
+                                 "--no-compile", "--precision", "fp32"])  # eager fp32 like the teacher: compiled or bf16
+    # kernels round differently from the teacher's on some CPUs (CI measured KL 1.5e-3)
     assert result.exit_code == 0, result.output
     log = rows(tmp_path / "out")
     assert [r["step"] for r in log] == [0, 1, 2]

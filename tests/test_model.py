@@ -20,6 +20,9 @@ VARIANTS = {
     "split2-parallel": dict(sections=2, cross_attn="parallel"),
     "split4-parallel-window2": dict(sections=4, cross_attn="parallel", window=2),
     "shared2-parallel": dict(sections=2, mode="shared", cross_attn="parallel"),
+    "split2-ridge": dict(sections=2, bridge="ridge"),
+    "split2-mlp-parallel": dict(sections=2, bridge="mlp", cross_attn="parallel"),
+    "split4-mlp-window2": dict(sections=4, bridge="mlp", window=2),
 }
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral-window", "gpt2"]
 
@@ -33,6 +36,11 @@ def staggered(family, variant, seed=0):
         for name, p in model.named_parameters():
             if ".cross.o." in name or "mem_norm" in name or ".cross.k_norm" in name or ".cross.q_norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
+            if name.startswith("section_input."):  # a bridge: its MLP output starts at zero too
+                p.add_(torch.randn_like(p) * 0.2)
+        for name, buffer in model.named_buffers():
+            if name.endswith("feature_scale"):
+                buffer.uniform_(0.5, 2.0)
         if model.config.cross_attn == "parallel":  # o's columns for the cross heads start at zero too
             for block in model.blocks:
                 cross_columns = block.o.weight[:, :, block.heads * model.config.head_dim:]
@@ -163,3 +171,21 @@ def test_from_scratch_model_trains_one_step():
     assert torch.allclose(out.loss, manual)
     out.loss.backward()
     assert model.blocks[0].cross.o.weight.grad.abs().sum() > 0  # zero-initialised but trainable
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_position_zero_reads_the_section_below(family):
+    """A split conversion's section 2 reads section 1's output at a prompt's first position (never a
+    decode step), so there, with the cross-attention still at zero, it computes the source's logits
+    exactly, left padding included."""
+    hf = tiny_hf_model(family)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 starts at slot 3
+    for variant in ("split2", "split4-mlp-window2"):
+        model = convert_model(hf, Layout(**VARIANTS[variant]))
+        assert model.config.exact_first
+        ours = model(ids, attention_mask=mask).logits
+        ref = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+        assert (ours[0, 0] - ref[0, 0]).abs().max() < 1e-4 and (ours[1, 3] - ref[1, 3]).abs().max() < 1e-4
+        assert (ours[0, 1:] - ref[0, 1:]).abs().max() > 1e-3  # later positions lost their input

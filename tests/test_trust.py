@@ -2,7 +2,6 @@
 import errno
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +21,6 @@ def one_line_error(result, fragment):
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert fragment in lines[0], result.output
     assert "Traceback" not in result.output
-
-
-@pytest.fixture
-def src(tmp_path):
-    path = tmp_path / "src"
-    tiny_hf_model("llama").save_pretrained(path)
-    tiny_tokenizer(path)
-    return path
 
 
 @pytest.fixture
@@ -142,16 +133,6 @@ def test_brackets_survive_in_help_and_errors():
 
 
 # --- no dead ends -----------------------------------------------------------------------------------
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("STAG_CACHE", str(tmp_path / "cache"))
-    rng = random.Random(0)
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice("in the beginning god created".split()) for _ in range(12))
-                              for _ in range(200)))
-    return path
-
-
 def test_a_run_killed_before_its_first_checkpoint_can_resume_or_restart(stag_dir, corpus, tmp_path):
     from stagcli.train import Callback, TrainConfig, finetune_paths
 

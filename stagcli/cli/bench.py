@@ -26,6 +26,11 @@ def bench(
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the decode step before "
                                  "CUDA-graph capture (CUDA only)."),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="Also time transformers' generate with a static cache."),
+    prompt_data: Optional[str] = typer.Option(None, "--prompt-data", help="Take the prompts from this text "
+                                              "(kjv:heldout, pydoc:heldout, files) instead of random tokens: needed "
+                                              "for a meaningful acceptance rate of a --mode verify model."),
+    prompt_lookup: int = typer.Option(10, "--prompt-lookup", help="For --mode verify models, also time transformers' "
+                                      "lossless prompt-lookup decoding with this many candidate tokens (0: skip)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write all measurements as JSON here."),
 ):
     """Decode latency per token and tokens/s: staggered model vs the same engine on the unconverted
@@ -50,19 +55,27 @@ def bench(
 
     with bar:
         result = run_bench(model, baseline, sizes, prompt_len, new_tokens, repeats, warmup, device, dtype,
-                           compile, hf, progress=progress)
+                           compile, hf, progress=progress, prompt_data=prompt_data, prompt_lookup=prompt_lookup)
     table = Table(title=f"stag bench: {result['machine']}, {dtype}, prompt {prompt_len}, {new_tokens} new tokens, "
                         f"median of {repeats}")
-    for col in ("system", "batch", "ms/token", "tokens/s", "GB/s", "ops/step (GEMM+attn / other)",
-                "staggered vs this"):
+    verified = any("acceptance" in r for r in result["rows"])
+    columns = ["system", "batch", "ms/token", "tokens/s", "GB/s", "ops/step (GEMM+attn / other)", "staggered vs this"]
+    if verified:
+        columns[5:5] = ["acceptance", "tokens/step"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "system" else "right")
     for r in result["rows"]:
         ops = r.get("ops_per_step")
         ratio = r["speedup_of_staggered"]
         versus = "" if r["name"] == "staggered" else (
             f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower")
-        table.add_row(r["name"], str(r["batch_size"]), f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['bandwidth_GBps']:.2f}", f"{ops['heavy']} / {ops['other']}" if ops else "", versus)
+        cells = [r["name"], str(r["batch_size"]), f"{r['ms_per_token']:.2f}", f"{r['tokens_per_s']:.1f}",
+                 f"{r['bandwidth_GBps']:.2f}", f"{ops['heavy']} / {ops['other']}" if ops else "", versus]
+        if verified:
+            acceptance = r.get("acceptance")
+            cells[5:5] = ["" if acceptance is None else f"{acceptance:.3f}",
+                          f"{r['tokens_per_step']:.2f}" if "tokens_per_step" in r else ""]
+        table.add_row(*cells)
     console.print(table)
     if not result["baseline"]:
         err_console.print("no baseline: pass --baseline SRC to compare with the unconverted model")

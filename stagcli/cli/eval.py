@@ -1,7 +1,6 @@
 """`stag eval MODEL [MODEL ...] --tasks ...`: lm-evaluation-harness, one table for all models."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -129,8 +128,6 @@ def eval_command(
 
     console.print(results_table(report))
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = output.with_name(f".{output.name}.tmp")
-        tmp.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        tmp.replace(output)
+        from ..files import write_json
+        write_json(output, report.to_json())
         console.print(f"wrote {output}")

@@ -33,6 +33,8 @@ def generate(
     """Generate text with the parallel-section decode engine, streaming tokens as they come."""
 
 
+    import torch
+
     from ..convert import DTYPES, load_model
     from ..decode import generate as run_generate
     from ..decode import left_pad
@@ -78,6 +80,7 @@ def generate(
             console.print(text[len(shown[0]):], end="", markup=False, highlight=False, soft_wrap=True)
             shown[0] = text
 
+    verify_note = ""
     start = time.perf_counter()
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=tokenizer.eos_token_id)
     if devices:
@@ -86,6 +89,15 @@ def generate(
             raise StagError("--recurrent runs in one process; drop --devices")
         out = generate_on_devices(model, ids, mask, max_new_tokens, devices=devices.split(","), dtype=dtype,
                                   on_token=on_token, **sampling)
+    elif getattr(loaded.config, "verified", False):
+        from ..verify import generate_verified
+        if recurrent:
+            raise StagError("--recurrent is for shared-weights models, not --mode verify")
+        out, stats = generate_verified(loaded.to(target), ids, mask, max_new_tokens,
+                                       on_token=lambda row, token: on_token(torch.tensor([token])) if row == 0 else None,
+                                       **sampling)
+        verify_note = (f" | verified: acceptance {stats.acceptance:.2f}, "
+                       f"{stats.tokens_per_step:.2f} tokens/step")
     else:
         loaded = loaded.to(target)
         out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token, **sampling)
@@ -101,5 +113,6 @@ def generate(
     rate = (out.shape[0] * (n - 1) / decode_s) if n > 1 and decode_s > 0 else float("nan")
     err_console.print(f"{out.shape[0]} x {n} tokens | time to first token {ttft * 1e3:.0f} ms | "
                       f"decode {rate:.1f} tokens/s | {'x'.join(str(s) for s in ids.shape)} prompt tokens "
-                      f"| {loaded.config.sections} section(s){' on ' + devices if devices else ''}", highlight=False)
+                      f"| {loaded.config.sections} section(s){' on ' + devices if devices else ''}{verify_note}",
+                      highlight=False)
 

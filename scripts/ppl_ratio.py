@@ -1,0 +1,58 @@
+"""Held-out perplexity of models as ratios to the source's on the same sequences, on kjv:heldout and
+off-domain pydoc:heldout (scripts/fetch_offdomain.sh), fp32, the first 32 x 256 tokens of each.
+
+    python scripts/ppl_ratio.py --source smollm2-135m --results docs/results/bridge/ppl.json NAME=MODEL_DIR ...
+
+Each NAME=MODEL_DIR adds (or replaces) one entry of the results file, with the command that made it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from stagcli.convert import load_model
+from stagcli.data import load_packed
+from stagcli.devices import machine
+from stagcli.train import nll_totals
+
+HELDOUT = {"kjv": "kjv:heldout", "pydoc": "pydoc:heldout"}
+
+
+def ppl(model, ids) -> float:
+    total = nll_totals(model.eval(), ids, 4)
+    return math.exp((total[0] / total[1]).item())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", metavar="NAME=MODEL_DIR")
+    ap.add_argument("--source", default="smollm2-135m")
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--sequences", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=256)
+    args = ap.parse_args()
+    path = Path(args.results)
+    record = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+    source, tokenizer = load_model(args.source)
+    ids = {n: load_packed(spec, tokenizer, args.seq_len)[:args.sequences] for n, spec in HELDOUT.items()}
+    record.update(machine=machine(), source=args.source, sequences=args.sequences, seq_len=args.seq_len,
+                  source_ppl={n: ppl(source, x) for n, x in ids.items()})
+    del source
+    for item in args.models:
+        name, _, model_dir = item.partition("=")
+        model = load_model(model_dir)[0]
+        values = {n: ppl(model, x) for n, x in ids.items()}
+        record["entries"][name] = {"model": model_dir, "ppl": values,
+                                   "ratio": {n: values[n] / record["source_ppl"][n] for n in ids},
+                                   "recipe": model.config.stag_recipe,
+                                   "command": "python scripts/ppl_ratio.py " + " ".join(sys.argv[1:])}
+        print(name, {n: round(v, 3) for n, v in record["entries"][name]["ratio"].items()}, flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

