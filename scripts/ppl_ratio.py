@@ -26,16 +26,26 @@ def ppl(model, ids) -> float:
     return math.exp((total[0] / total[1]).item())
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("models", nargs="+", metavar="NAME=MODEL_DIR")
+def named_models_cli(doc: str, metavar: str, **options) -> tuple[argparse.Namespace, Path, dict]:
+    """The command line shared by the measurement scripts: NAME=DIR ..., --source, --results and
+    `options` (name -> (type, default)); returns (args, results path, the record so far)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", metavar=metavar)
     ap.add_argument("--source", default="smollm2-135m")
     ap.add_argument("--results", required=True)
-    ap.add_argument("--sequences", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=256)
+    for name, (kind, default) in options.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
     args = ap.parse_args()
     path = Path(args.results)
-    record = json.loads(path.read_text()) if path.exists() else {"entries": {}}
+    return args, path, json.loads(path.read_text()) if path.exists() else {"entries": {}}
+
+
+def save_results(path: Path, record: dict):
+    save_results(path, record)
+
+
+def main():
+    args, path, record = named_models_cli(__doc__, "NAME=MODEL_DIR", sequences=(int, 32), seq_len=(int, 256))
     source, tokenizer = load_model(args.source)
     ids = {n: load_packed(spec, tokenizer, args.seq_len)[:args.sequences] for n, spec in HELDOUT.items()}
     record.update(machine=machine(), source=args.source, sequences=args.sequences, seq_len=args.seq_len,
@@ -50,8 +60,7 @@ def main():
                                    "recipe": model.config.stag_recipe,
                                    "command": "python scripts/ppl_ratio.py " + " ".join(sys.argv[1:])}
         print(name, {n: round(v, 3) for n, v in record["entries"][name]["ratio"].items()}, flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    save_results(path, record)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
     last = {}
 
     def run(n):
-        last["stats"] = generate_verified(model, prompt, max_new_tokens=n)[1]
+        stats = generate_verified(model, prompt, max_new_tokens=n)[1]
+        if n == new_tokens:  # not the 1-token run that times the prefill
+            last["stats"] = stats
     per_token = []
     stats = []
     for _ in range(warmup + repeats):
@@ -242,7 +244,7 @@ def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 1
             if hf:
                 jobs.append(("baseline (HF static generate)", batch,
                              lambda b: bench_hf_generate(hf_model, b, prompt=prompt(b), **common)))
-                if verified and prompt_lookup:
+                if verified and prompt_lookup and batch == 1:  # transformers' assisted generate is batch 1 only
                     jobs.append((f"baseline (HF prompt lookup {prompt_lookup})", batch, lambda b: bench_hf_generate(
                         hf_model, b, prompt=prompt(b), prompt_lookup=prompt_lookup, **common)))
     rows = []

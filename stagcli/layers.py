@@ -27,10 +27,39 @@ class StackedLinear(nn.Module):
         if in_features is not None and in_features < w.shape[-1]:  # only the leading input columns
             w = w[..., :in_features]
         b = None if self.bias is None else self.bias[sets]
-        if w.shape[0] == 1:  # a single section, or shared weights: one plain GEMM for all rows
+        rows = x.shape[:-1].numel() // w.shape[0]
+        if few_rows_on_cpu(x, rows):  # a decode step on CPU
+            y = few_row_matmul(x.reshape(w.shape[0], rows, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[1])
+        elif w.shape[0] == 1:  # a single section, or shared weights: one plain GEMM for all rows
             return F.linear(x, w[0], None if b is None else b[0])
-        y = torch.matmul(x.flatten(1, -2), w.transpose(1, 2)).view(*x.shape[:-1], w.shape[1])
+        else:
+            y = torch.matmul(x.flatten(1, -2), w.transpose(1, 2)).view(*x.shape[:-1], w.shape[1])
         return y if b is None else y + b.view(b.shape[0], *([1] * (x.dim() - 2)), -1)
+
+
+FEW_ROWS = 8
+
+
+def few_rows_on_cpu(x, rows: int) -> bool:
+    return x.device.type == "cpu" and rows <= FEW_ROWS and not torch.is_grad_enabled()
+
+
+def few_row_matmul(x, w):
+    """x [S, M, in] @ w [S, out, in]^T for the few rows M of a decode step on CPU. BLAS multiplies a
+    few rows by a weight much more slowly than the transposed product w @ x^T, which streams the
+    weight at memory speed (SmolLM2's 49,152 x 576 head: 2 rows 13.9 ms -> 2.3 ms; one layer's
+    [2, 3072, 576] gate-up, 2 rows: 0.90 -> 0.38 ms); a single row is doubled to take that path."""
+    single = x.shape[1] == 1
+    y = torch.bmm(w, (torch.cat([x, x], 1) if single else x).transpose(1, 2)).transpose(1, 2)
+    return y[:, :1] if single else y
+
+
+def few_row_logits(hidden, weight):
+    """hidden @ weight^T: through few_row_matmul for a decode step's rows on CPU."""
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if not few_rows_on_cpu(hidden, rows.shape[0]):
+        return F.linear(hidden, weight)
+    return few_row_matmul(rows[None], weight[None])[0].reshape(*hidden.shape[:-1], weight.shape[0])
 
 
 def rms_norm(x, eps):

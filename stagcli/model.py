@@ -25,7 +25,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import Place, StagCache
 from .cross_attention import FORMS
-from .layers import (ROPE_SCALINGS, RopeTable, StackedLinear, StackedNorm, apply_rope, attend,  # noqa: F401
+from .layers import (ROPE_SCALINGS, RopeTable, StackedLinear, StackedNorm, apply_rope, attend, few_row_logits,  # noqa: F401
                      attention_masks, merge_heads, split_heads)
 from .section_input import INPUTS
 
@@ -222,7 +222,8 @@ class StagForCausalLM(PreTrainedModel):
         return self.final_norm(hidden[None], slice(0, 1))[0]
 
     def logits(self, hidden):
-        return F.linear(self.final_hidden(hidden), self.head_weight)
+        """Logits of a decode step's rows."""
+        return few_row_logits(self.final_hidden(hidden), self.head_weight)
 
     def rope_for(self, place: Place):
         return None if self.rope is None else self.rope(place.positions, place.length, self.embed.weight.dtype)

@@ -216,3 +216,22 @@ def test_a_wheel_install_ships_the_local_tasks(tmp_path):
     where, names = proc.stdout.strip().splitlines()[-2:]
     assert where.startswith(str(site))
     assert {"kjv_ppl", "kjv_lastword", "kjv_cloze_mc", "kjv_complete"} <= set(names.split(","))
+
+
+def test_a_verified_model_scores_exactly_as_its_source(models, tmp_path):
+    """--mode verify keeps the source's output, so stag eval needs nothing new: loglikelihood, multiple
+    choice and generative tasks (decoded by the verified engine) score as the source does."""
+    from stagcli.convert import convert_model, load_hf_model
+    hf, tokenizer = load_hf_model(str(models["hf"]))
+    verify = convert_model(hf, Layout(sections=2, mode="verify", bridge="ridge"))  # an unfitted bridge
+    verify.save_pretrained(tmp_path / "verify")
+    tokenizer.save_pretrained(tmp_path / "verify")
+    out = tmp_path / "res.json"
+    result = CliRunner().invoke(app, ["eval", str(models["hf"]), str(tmp_path / "verify"), "--tasks",
+                                      "kjv_cloze_mc,kjv_lastword,kjv_complete,kjv_ppl", "--limit", "3",
+                                      "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.read_text())["summary"]
+    assert {r["task"] for r in summary} == {"kjv_cloze_mc", "kjv_lastword", "kjv_complete", "kjv_ppl"}
+    for row in summary:
+        assert row["delta"]["verify"] == pytest.approx(0, abs=1e-4 * max(1, abs(row["values"]["tiny-hf"]["value"]))), row

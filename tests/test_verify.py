@@ -1,5 +1,6 @@
 """Verified staggering (stagcli/verify.py): the source's exact output whatever the bridge."""
 import importlib.util
+import json
 import random
 
 import pytest
@@ -145,11 +146,14 @@ def test_cli_generate_and_bench_a_verified_model(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["generate", str(out), "-p", "and the lord", "-n", "6"])
     assert result.exit_code == 0 and "acceptance" in result.output, result.output
-    result = runner.invoke(app, ["bench", str(out), "--baseline", str(src), "--batch-sizes", "1", "--prompt-len", "8",
-                                 "--new-tokens", "4", "--repeats", "1", "--prompt-data", str(corpus)],
-                           env={"COLUMNS": "250"})
+    result = runner.invoke(app, ["bench", str(out), "--baseline", str(src), "--batch-sizes", "1,2", "--prompt-len", "8",
+                                 "--new-tokens", "4", "--repeats", "1", "--prompt-data", str(corpus),
+                                 "-o", str(tmp_path / "bench.json")], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert "acceptance" in result.output and "prompt lookup" in result.output
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    lookup = [r["batch_size"] for r in rows if "prompt lookup" in r["name"]]
+    assert lookup == [1]  # transformers' assisted generation takes one row only
 
 
 @pytest.mark.slow
