@@ -2,7 +2,8 @@
 # Issue 13, step 4: the end-to-end fine-tune from a bridged split model against the control, with
 # the fine-tuning budget and data of recipes/smollm2-stag-cpu.yaml (30,720 KJV tokens), then both
 # scored on kjv:heldout and the off-domain pydoc:heldout (scripts/ppl_ratio.py).
-#   scripts/bridge_e2e.sh BRIDGED_MODEL OUT [--hidden]
+#   scripts/bridge_e2e.sh BRIDGED_MODEL OUT [--hidden] [--tuned]
+# --hidden: also with --hidden-weight 0.1; --tuned: also at lr 5e-5, and at lr 2e-4 with 5 warm-up steps.
 # BRIDGED_MODEL: a split conversion whose bridge was fitted (stag convert --bridge mlp --calibrate ...)
 # and trained (stag finetune --train bridge ...). About 4 min per fine-tune on a 2-core CPU.
 set -euo pipefail
@@ -10,9 +11,16 @@ bridged=$1; out=$2; shift 2
 common=(--data kjv:train --heldout kjv:heldout --seq-len 256 --batch-size 4 --grad-accum 2 --lr 2e-4
         --max-tokens 30720 --eval-every 3 --eval-sequences 16 --save-every 1000 --compile)
 [ -f "$out/control/config.json" ] || stag finetune smollm2-135m "${common[@]}" "$out/control"
-[ -f "$out/split2-bridge/config.json" ] || stag finetune "$bridged" "${common[@]}" \
-    --distill-from smollm2-135m --distill-alpha 0.5 "$out/split2-bridge"
-if [ "${1:-}" = --hidden ]; then
-  [ -f "$out/split2-bridge-hidden/config.json" ] || stag finetune "$bridged" "${common[@]}" \
-      --distill-from smollm2-135m --distill-alpha 0.5 --hidden-weight 0.1 "$out/split2-bridge-hidden"
-fi
+variant() {  # NAME, extra options (a later option overrides the same one in $common)
+  local name=$1; shift
+  [ -f "$out/$name/config.json" ] || stag finetune "$bridged" "${common[@]}" \
+      --distill-from smollm2-135m --distill-alpha 0.5 "$@" "$out/$name"
+}
+variant split2-bridge
+for flag in "$@"; do
+  case $flag in
+    --hidden) variant split2-bridge-hidden --hidden-weight 0.1 ;;
+    --tuned) variant split2-bridge-lr5e-5 --lr 5e-5; variant split2-bridge-warmup5 --warmup-steps 5 ;;
+    *) echo "unknown option $flag" >&2; exit 2 ;;
+  esac
+done

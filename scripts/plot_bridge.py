@@ -1,6 +1,6 @@
 """Loss curves of the bridge runs (docs/results/bridge/*.png) from their metrics.jsonl files.
 
-    python scripts/plot_bridge.py --out docs/results/bridge NAME=RUN_DIR ...   # end-to-end fine-tunes
+    python scripts/plot_bridge.py --out docs/results/bridge [--name e2e-heldout] NAME=RUN_DIR ...   # end-to-end fine-tunes
     python scripts/plot_bridge.py --out docs/results/bridge --bridge-training RUN_DIR    # the bridge stage
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main():
     ap.add_argument("runs", nargs="*", metavar="NAME=RUN_DIR")
     ap.add_argument("--out", required=True)
     ap.add_argument("--bridge-training")
+    ap.add_argument("--name", default="e2e-heldout", help="file name of the end-to-end plot (.png)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def main():
                title="SmolLM2-135M: end-to-end fine-tune, 2-core CPU")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "e2e-heldout.png", dpi=100)
+        fig.savefig(out / f"{args.name}.png", dpi=100)
     if args.bridge_training:
         data = rows(args.bridge_training)
         fig, ax = plt.subplots(figsize=(6, 4))

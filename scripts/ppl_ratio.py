@@ -41,7 +41,8 @@ def named_models_cli(doc: str, metavar: str, **options) -> tuple[argparse.Namesp
 
 
 def save_results(path: Path, record: dict):
-    save_results(path, record)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
 
 
 def main():
