@@ -189,3 +189,19 @@ def test_position_zero_reads_the_section_below(family):
         ref = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
         assert (ours[0, 0] - ref[0, 0]).abs().max() < 1e-4 and (ours[1, 3] - ref[1, 3]).abs().max() < 1e-4
         assert (ours[0, 1:] - ref[0, 1:]).abs().max() > 1e-3  # later positions lost their input
+
+
+@pytest.mark.parametrize("sets, rows", [(1, 1), (1, 3), (2, 1), (2, 2), (3, 9)])  # 9 > FEW_ROWS: plain path
+def test_stacked_linear_few_row_path_equals_the_plain_product(sets, rows):
+    """Decode steps on CPU take weight @ rows^T (few_row_matmul); same numbers as the plain product,
+    for one or several weight sets, a single (doubled) row, and past the few-row limit."""
+    from stagcli.layers import StackedLinear, few_row_logits
+    layer = StackedLinear(sets, 16, 24, bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(sets, rows, 16)
+    want = torch.einsum("sri,soi->sro", x, layer.weight) + layer.bias[:, None]
+    with torch.no_grad():
+        assert torch.allclose(layer(x, slice(0, sets)), want, atol=1e-5)
+        head = torch.randn(50, 16)
+        assert torch.allclose(few_row_logits(x[0], head), x[0] @ head.T, atol=1e-5)
