@@ -9,21 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 from stagcli.convert import load_model
 from stagcli.data import load_packed
 from stagcli.devices import machine
-from stagcli.train import nll_totals
+from stagcli.train import perplexity as ppl  # also imported by bridge_probe.py
 
 HELDOUT = {"kjv": "kjv:heldout", "pydoc": "pydoc:heldout"}
-
-
-def ppl(model, ids) -> float:
-    total = nll_totals(model.eval(), ids, 4)
-    return math.exp((total[0] / total[1]).item())
 
 
 def named_models_cli(doc: str, metavar: str, **options) -> tuple[argparse.Namespace, Path, dict]:

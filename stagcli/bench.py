@@ -22,8 +22,10 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _prompt(vocab: int, batch: int, length: int, device):
-    """A fixed prompt (seeded), the same for every system."""
+def _prompt(given, vocab: int, batch: int, length: int, device):
+    """The given prompt (real text), else a fixed random one (seeded), the same for every system."""
+    if given is not None:
+        return given.to(device)
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, vocab, (batch, length), generator=g).to(device)
 
@@ -80,7 +82,7 @@ def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: 
         model = load_model(str(model), dtype)[0]
     model = model.to(dev, DTYPES[dtype]).eval()
     engine = DecodeEngine(model, batch_size, prompt_len + new_tokens + 1, compile=compile, recurrent=recurrent)
-    prompt = _prompt(model.config.vocab_size, batch_size, prompt_len, dev) if prompt is None else prompt.to(dev)
+    prompt = _prompt(prompt, model.config.vocab_size, batch_size, prompt_len, dev)
     step_ms, prefill_ms = [], []
     with torch.no_grad():
         for run in range(warmup + repeats):
@@ -97,14 +99,18 @@ def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: 
             if run >= warmup:
                 prefill_ms.append((t1 - t0) * 1e3)
                 step_ms.append((t2 - t1) * 1e3 / new_tokens)
-    ms = statistics.median(step_ms)
-    nbytes = _model_bytes(model)
     return {"system": "stag engine", "sections": model.config.sections, "shared": model.config.shared,
-            "batch_size": batch_size, "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms,
-            "prefill_ms": statistics.median(prefill_ms), "model_bytes": nbytes,
-            "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": step_ms,
+            **_speed(step_ms, batch_size, model), "prefill_ms": statistics.median(prefill_ms),
             "cuda_graph": engine.cuda_graph, "compiled": engine.compiled,
             "ops_per_step": count_decode_ops(model, batch_size)}
+
+
+def _speed(per_token_ms: list[float], batch_size: int, model) -> dict:
+    """The speed fields of a result row from the timed runs' ms per token (their median counts)."""
+    ms = statistics.median(per_token_ms)
+    nbytes = _model_bytes(model)
+    return {"batch_size": batch_size, "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms,
+            "model_bytes": nbytes, "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token_ms}
 
 
 def _per_token_ms(generate_n, new_tokens: int, repeats: int, warmup: int, dev) -> list[float]:
@@ -132,25 +138,17 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
     from .verify import generate_verified
     dev = resolve_device(device)
     model = model.to(dev, DTYPES[dtype]).eval()
-    prompt = _prompt(model.config.vocab_size, batch_size, prompt_len, dev) if prompt is None else prompt.to(dev)
-    last = {}
+    prompt = _prompt(prompt, model.config.vocab_size, batch_size, prompt_len, dev)
+    stats = []
 
     def run(n):
-        stats = generate_verified(model, prompt, max_new_tokens=n)[1]
+        result = generate_verified(model, prompt, max_new_tokens=n)[1]
         if n == new_tokens:  # not the 1-token run that times the prefill
-            last["stats"] = stats
-    per_token = []
-    stats = []
-    for _ in range(warmup + repeats):
-        per_token += _per_token_ms(run, new_tokens, 1, 0, dev)
-        stats.append(last["stats"])
-    per_token, stats = per_token[warmup:], stats[warmup:]
-    ms = statistics.median(per_token)
-    nbytes = _model_bytes(model)
+            stats.append(result)
+    per_token = _per_token_ms(run, new_tokens, repeats, warmup, dev)
+    stats = stats[warmup:]
     drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
-    return {"system": "stag verified", "sections": 2, "shared": False, "batch_size": batch_size,
-            "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms, "model_bytes": nbytes,
-            "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token,
+    return {"system": "stag verified", "sections": 2, "shared": False, **_speed(per_token, batch_size, model),
             "acceptance": accepted / drafted if drafted else None,
             "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats)}
 
@@ -165,19 +163,15 @@ def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_to
     dev = resolve_device(device)
     hf = load_hf_model(source)[0] if isinstance(source, (str, os.PathLike)) else source
     hf = hf.to(dev, DTYPES[dtype]).eval()
-    prompt = _prompt(hf.config.vocab_size, batch_size, prompt_len, dev) if prompt is None else prompt.to(dev)
+    prompt = _prompt(prompt, hf.config.vocab_size, batch_size, prompt_len, dev)
     how = dict(prompt_lookup_num_tokens=prompt_lookup) if prompt_lookup else dict(cache_implementation="static")
 
     def run(n):
         hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, pad_token_id=0, **how)
     per_token = _per_token_ms(run, new_tokens, repeats, warmup, dev)
-    ms = statistics.median(per_token)
-    nbytes = _model_bytes(hf)
     system = f"HF generate (prompt lookup {prompt_lookup})" if prompt_lookup else "HF generate (static cache)"
-    return {"system": system, "sections": 1, "shared": False, "batch_size": batch_size,
-            "ms_per_token": ms, "tokens_per_s": batch_size * 1e3 / ms, "model_bytes": nbytes,
-            "bandwidth_GBps": nbytes * (1e3 / ms) / 1e9, "runs_ms_per_token": per_token}
+    return {"system": system, "sections": 1, "shared": False, **_speed(per_token, batch_size, hf)}
 
 
 def check_settings(batch_sizes, prompt_len: int, new_tokens: int, repeats: int, dtype: str):

@@ -194,16 +194,14 @@ def _init_added(model, filled):
         for name, buffer in model.section_input.named_buffers():
             buffer.fill_(1.0)
             filled.add(f"section_input.{name}")
-    if not cfg.cross_sets:
-        filled.update(n for n, _, _ in model.added_weights())
-        return
-    owners = [0] if cfg.shared else list(range(1, cfg.sections))  # weight set owning each cross set
-    for block in model.blocks:
-        block.cross.init_from_source(block, owners)
-    for c in range(cfg.cross_sets):
-        model.mem_norm.weight[c].copy_(model.final_norm.weight[0])
-        if model.mem_norm.bias is not None:
-            model.mem_norm.bias[c].copy_(model.final_norm.bias[0])
+    if cfg.cross_sets:
+        owners = [0] if cfg.shared else list(range(1, cfg.sections))  # weight set owning each cross set
+        for block in model.blocks:
+            block.cross.init_from_source(block, owners)
+        for c in range(cfg.cross_sets):
+            model.mem_norm.weight[c].copy_(model.final_norm.weight[0])
+            if model.mem_norm.bias is not None:
+                model.mem_norm.bias[c].copy_(model.final_norm.bias[0])
     filled.update(n for n, _, _ in model.added_weights())
 
 
@@ -351,8 +349,7 @@ def convert(src: str, out: str, layout: Layout = Layout(), dtype: str = "float32
         write_json(tmp / "stag_recipe.json", recipe)
         tmp.chmod(0o755)
     size = sum(f.stat().st_size for f in out_path.glob("*.safetensors"))
-    added = sum(p.numel() for _, p, index in model.added_weights() if index is None) + sum(
-        p[index].numel() for _, p, index in model.added_weights() if index is not None)
+    added = sum((p if index is None else p[index]).numel() for _, p, index in model.added_weights())
     total = sum(p.numel() for p in model.parameters())
     return ConvertResult(out_path, model.config, total - added, total, size)
 

@@ -143,15 +143,21 @@ class DecodeEngine:
 
 
 # --- the token loop (shared with decode_ranks) ------------------------------------------------
+def eos_and_pad(eos_token_id, pad_token_id: int | None, device) -> tuple[torch.Tensor, int]:
+    """The EOS ids (an int, a list or None) as a tensor, and the pad token (default: the first EOS
+    id, else 0)."""
+    ids = [] if eos_token_id is None else (
+        [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id])
+    pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
+    return torch.tensor(ids, dtype=torch.long, device=device), pad
+
+
 class Stopping:
     """End-of-sequence bookkeeping: once a row has emitted an EOS token its later tokens are
     pad_token_id (default: the first EOS id, else 0)."""
 
     def __init__(self, batch: int, device, eos_token_id=None, pad_token_id: int | None = None):
-        ids = [] if eos_token_id is None else (
-            [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id])
-        self.eos = torch.tensor(ids, dtype=torch.long, device=device)
-        self.pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else 0)
+        self.eos, self.pad = eos_and_pad(eos_token_id, pad_token_id, device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def apply(self, token):
@@ -210,15 +216,8 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
         return generate_verified(model, input_ids, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                  on_token=streamed if input_ids.shape[0] == 1 else None)[0]
-    sampling = Sampling(temperature, top_k, top_p).check()
-    check_prompt(input_ids, attention_mask)
-    if max_new_tokens < 1:
-        raise StagError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    sampling = check_request(model, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     batch, prompt_len = input_ids.shape
-    limit = getattr(model.config, "max_positions", None)
-    if limit and prompt_len + max_new_tokens > limit:
-        raise StagError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
-                        f"context of {limit} tokens")
     if engine is None:
         engine = DecodeEngine(model, batch, prompt_len + max_new_tokens, recurrent=recurrent)
     elif prompt_len + max_new_tokens - 1 > engine.max_len:
@@ -231,6 +230,20 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
     logits = engine.prefill(input_ids, attention_mask)
     return decode_loop(logits, engine.step, lambda lg: sample(lg, sampling, generator), max_new_tokens,
                        stopping, on_token)
+
+
+def check_request(model, input_ids, attention_mask, max_new_tokens: int, sampling: Sampling) -> Sampling:
+    """What every decode loop checks before its prefill; returns the checked sampling settings."""
+    sampling = sampling.check()
+    check_prompt(input_ids, attention_mask)
+    if max_new_tokens < 1:
+        raise StagError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    prompt_len = input_ids.shape[1]
+    limit = getattr(model.config, "max_positions", None)
+    if limit and prompt_len + max_new_tokens > limit:
+        raise StagError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
+                        f"context of {limit} tokens")
+    return sampling
 
 
 def full_forward_greedy(model, input_ids, max_new_tokens: int):

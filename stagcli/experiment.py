@@ -262,15 +262,14 @@ def offdomain_ppl(recipe: dict, source: str, entries: list[dict], report) -> dic
     seq_len}`), for the source and every fine-tuned variant, on the same sequences."""
     from .convert import load_model
     from .data import load_packed
-    from .train import nll_totals
+    from .train import perplexity
     spec = recipe["offdomain"]
     report("offdomain", f"perplexity on {spec['data']}")
     result = {}
     for name, path in [("source", source)] + [(e["name"], e["finetuned"]) for e in entries]:
         model, tokenizer = load_model(path)
         ids = load_packed(spec["data"], tokenizer, spec.get("seq_len", 256))[:spec.get("sequences", 32)]
-        total = nll_totals(model.eval(), ids, 4)
-        result[name] = math.exp((total[0] / total[1]).item())
+        result[name] = perplexity(model, ids)
     return {"data": spec["data"], "ppl": result, "ratio": {k: v / result["source"] for k, v in result.items()}}
 
 

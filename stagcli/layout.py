@@ -36,7 +36,7 @@ class Layout:
     bridge: Optional[str] = option(None, "Predict what section k>1 lost (the source's residual stream at the "
                                          "boundary) from what it may see: ridge, a linear map fitted in closed form "
                                          "on --calibrate text; mlp, the same plus an MLP to train with stag finetune "
-                                         "--objective bridge (docs/bridge.md). Split mode only.", choices=BRIDGES)
+                                         "--objective bridge (docs/bridge.md). Split and verify modes.", choices=BRIDGES)
     cross_attn: str = option("sequential", "Where cross-attention sits in a layer. sequential: the paper's "
                                            "extra sublayer after self-attention (own norm, query and output "
                                            "projections). parallel: it reads the same norm(x) as self-attention, "

@@ -144,12 +144,15 @@ def fused_head_loss(hidden, weight, labels, teacher_hidden=None, teacher_weight=
 @dataclass
 class Batch:
     """What a loss may read for one micro-batch: the token ids, the student's final (normed) hidden
-    states and output head, and the teacher's when distilling."""
+    states and output head, and the teacher's when distilling; `residual`: the last section's raw
+    output (before the final norm), and the teacher's."""
     ids: torch.Tensor
     hidden: torch.Tensor
     head: torch.Tensor
     teacher_hidden: torch.Tensor | None = None
     teacher_head: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    teacher_residual: torch.Tensor | None = None
 
 
 class HeadLoss:
@@ -168,6 +171,19 @@ class HeadLoss:
         total, lm, kl = fused_head_loss(hidden, batch.head, labels, t_hidden, batch.teacher_head,
                                         1 - alpha, alpha, self.temperature, self.chunk)
         return total, ({"lm_loss": lm, "kl_loss": kl} if teacher else {"lm_loss": lm})
+
+
+class HiddenStateLoss:
+    """Hidden-state distillation: weight x the mean squared distance between the last section's output
+    and the teacher's final residual stream, relative to the latter's mean square. Term: hidden_loss."""
+
+    def __init__(self, weight: float):
+        self.weight = weight
+
+    def __call__(self, batch: Batch):
+        student, target = batch.residual.float(), batch.teacher_residual.float()
+        loss = (student - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+        return self.weight * loss, {"hidden_loss": loss.detach()}
 
 
 def lm_loss_sum(hidden, head, ids, chunk: int | None = None):

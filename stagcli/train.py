@@ -38,7 +38,7 @@ import torch
 from .data import HELDOUT_FRACTION, PackedData, build_data
 from .errors import StagError
 from .files import move_into, publish, remove, scratch_dir, write_json, write_text
-from .losses import Batch, HeadLoss, lm_loss_sum
+from .losses import Batch, HeadLoss, HiddenStateLoss, lm_loss_sum
 from .options import check_choices, from_dict, option
 
 SHARED_CROSS_LR_SCALE = 0.1  # measured on SmolLM2 (docs/finetune.md): 1 wrecks the start, 0.1 does not
@@ -159,7 +159,8 @@ def validate(cfg: TrainConfig, model) -> TrainConfig:
     if cfg.cross_lr_scale < 0:
         raise StagError(f"--cross-lr-scale must be >= 0, not {cfg.cross_lr_scale}")
     check_choices(cfg)
-    bridged = bool(list(getattr(getattr(model, "section_input", None), "parameters", lambda: [])()))
+    section_input = getattr(model, "section_input", None)
+    bridged = section_input is not None and any(True for _ in section_input.parameters())
     if (cfg.train == "bridge" or "bridge" in cfg.objective) and not bridged:
         raise StagError("--train bridge / --objective bridge: this model has no learned bridge "
                         "(convert it with --bridge ridge or mlp)")
@@ -347,6 +348,12 @@ def nll_totals(model, ids, batch_size: int, autocast=contextlib.nullcontext, on_
     return total
 
 
+def perplexity(model, ids, batch_size: int = 4) -> float:
+    """exp(mean next-token NLL) of sequences ids [N, T], in eval mode."""
+    total = nll_totals(model.eval(), ids, batch_size)
+    return math.exp((total[0] / total[1]).item())
+
+
 def unwrapped_head(model):
     """The output head weight [V, d] of a model, DDP-wrapped or not."""
     return getattr(model, "module", model).get_output_embeddings().weight
@@ -386,6 +393,7 @@ class FineTune:
         self.teacher, self.resume, self.force, self.data, self.run_info = teacher, resume, force, data, run_info or {}
         self.callbacks = list(callbacks)
         self.loss = None
+        self.extra_losses = []
         self.step_no = self.tokens = 0
         self.last_saved: Optional[Path] = None
 
@@ -454,6 +462,7 @@ class FineTune:
         if teacher is not None:
             self.teacher = teacher_for(teacher.to(acc.device), self.bf16)
         self.loss = HeadLoss(cfg.distill_alpha if teacher is not None else 0.0, cfg.distill_temperature)
+        self.extra_losses = [HiddenStateLoss(cfg.hidden_weight)] if cfg.hidden_weight else []
         self.metrics_path = self.out / "metrics.jsonl"
         if self.resume_from is not None:
             state = json.loads((self.resume_from / "trainer_state.json").read_text())
@@ -528,18 +537,16 @@ class FineTune:
             if cfg.objective == "bridge":
                 return total, terms
         out = self.model(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
-        batch = Batch(ids, out.hidden_states[-1], unwrapped_head(self.model))
+        batch = Batch(ids, out.hidden_states[-1], unwrapped_head(self.model), residual=out.hidden_states[0])
         if self.teacher is not None:
             with torch.no_grad():
                 t_out = self.teacher(input_ids=ids, logits_to_keep=1, output_hidden_states=True)
             batch.teacher_hidden, batch.teacher_head = t_out.hidden_states[-1], unwrapped_head(self.teacher)
-            if cfg.hidden_weight:  # the last section's raw output vs the teacher's final residual stream
-                student, target = out.hidden_states[0].float(), t_out.hidden_states[0].float()
-                hidden = (student - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
-                terms["hidden_loss"] = hidden.detach()
-                total = total + cfg.hidden_weight * hidden
-        head_total, head_terms = self.loss(batch)
-        return total + head_total, {**head_terms, **terms}
+            batch.teacher_residual = t_out.hidden_states[0]
+        for loss in [self.loss, *self.extra_losses]:
+            value, named = loss(batch)
+            total, terms = total + value, {**terms, **named}
+        return total, terms
 
     def step(self) -> dict:
         """One optimizer step; returns its metrics row."""

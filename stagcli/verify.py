@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import Place
-from .decode import Sampling, check_prompt, filter_logits
+from .decode import Sampling, check_request, eos_and_pad, filter_logits
 from .errors import StagError
 
 
@@ -89,20 +89,12 @@ def generate_verified(model, input_ids, attention_mask=None, max_new_tokens: int
     """Like decode.generate, for a verify-mode model: the source's tokens (greedy: identical to the
     source's greedy decoding; sampling: the source's distribution). Returns (new tokens [B, n],
     VerifyStats). on_token(row, token) is called for every emitted token."""
-    sampling = Sampling(temperature, top_k, top_p).check()
-    check_prompt(input_ids, attention_mask)
-    if max_new_tokens < 1:
-        raise StagError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    sampling = check_request(model, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     B, T = input_ids.shape
-    limit = model.config.max_positions
-    if T + max_new_tokens > limit:
-        raise StagError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's context of {limit}")
     engine = engine or VerifiedEngine(model, B, T + max_new_tokens + 2)
     device = engine.cache.key_valid.device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos = torch.tensor([] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                       dtype=torch.long, device=device)
-    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    eos, pad = eos_and_pad(eos_token_id, pad_token_id, device)
 
     def draw(p):
         return torch.multinomial(p, 1, generator=gen)[:, 0]

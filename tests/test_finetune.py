@@ -364,3 +364,22 @@ def test_compiled_blocks_train_like_eager(tmp_path, corpus, recwarn):
         for key in ("loss", "heldout_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4)
+
+
+def test_hidden_state_distillation_is_logged_and_needs_a_teacher(tmp_path, corpus):
+    """--hidden-weight adds HiddenStateLoss: its term is logged, positive for a split student against
+    the source, and it counts in the objective; without a teacher it is refused."""
+    hf = tiny_hf_model("llama")
+    teacher = convert_model(hf, Layout(sections=1))
+    rows_of = {}
+    for weight in (0.0, 0.5):
+        student = convert_model(hf, Layout(sections=2, mode="split"))
+        finetune(student, tiny_tokenizer(), small(data=[str(corpus)], max_steps=1, precision="fp32", hidden_weight=weight,
+                                                  distill_from="tiny", distill_alpha=0.5),
+                 tmp_path / f"out-{weight}", teacher=teacher)
+        rows_of[weight] = rows(tmp_path / f"out-{weight}")[1]
+    assert "hidden_loss" not in rows_of[0.0] and rows_of[0.5]["hidden_loss"] > 0
+    assert rows_of[0.5]["loss"] == pytest.approx(rows_of[0.0]["loss"] + 0.5 * rows_of[0.5]["hidden_loss"], rel=1e-4)
+    with pytest.raises(StagError, match="--hidden-weight distils hidden states"):
+        finetune(convert_model(hf, Layout(sections=2)), tiny_tokenizer(), small(data=[str(corpus)], hidden_weight=0.1),
+                 tmp_path / "refused")
