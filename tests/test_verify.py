@@ -1,13 +1,12 @@
 """Verified staggering (stagcli/verify.py): the source's exact output whatever the bridge."""
 import importlib.util
 import json
-import random
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import VOCAB, tiny_hf_model, tiny_tokenizer
+from conftest import VOCAB, tiny_hf_model
 from stagcli.convert import convert_model
 from stagcli.decode import generate
 from stagcli.layout import Layout
@@ -131,15 +130,8 @@ def test_verify_layout_errors(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_cli_generate_and_bench_a_verified_model(tmp_path):
+def test_cli_generate_and_bench_a_verified_model(tmp_path, src, corpus):
     from stagcli.cli import app
-    src = tmp_path / "src"
-    tiny_hf_model("llama").save_pretrained(src)
-    tiny_tokenizer(src)
-    corpus = tmp_path / "c.txt"
-    rng = random.Random(0)
-    corpus.write_text("\n".join(" ".join(rng.choice("and the lord said unto moses".split()) for _ in range(12))
-                                for _ in range(200)))
     out = tmp_path / "v"
     result = runner.invoke(app, ["convert", str(src), str(out), "--mode", "verify", "--sections", "2",
                                  "--bridge", "ridge", "--calibrate", str(corpus), "--calibrate-tokens", "2000"])
