@@ -132,17 +132,20 @@ def _per_token_ms(generate_n, new_tokens: int, repeats: int, warmup: int, dev) -
 
 
 def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
-                   warmup: int = 1, device: str | None = None, dtype: str = "float32", prompt=None) -> dict:
-    """Verified staggering (stagcli/verify.py), greedy: ms/token, acceptance and tokens per step."""
+                   warmup: int = 1, device: str | None = None, dtype: str = "float32", compile: bool = False,
+                   prompt=None) -> dict:
+    """Verified staggering (stagcli/verify.py), greedy, through one reused engine (on CUDA: one
+    captured graph): ms/token, acceptance and tokens per step."""
     from .convert import DTYPES
-    from .verify import generate_verified
+    from .verify import VerifiedEngine, generate_verified
     dev = resolve_device(device)
     model = model.to(dev, DTYPES[dtype]).eval()
     prompt = _prompt(prompt, model.config.vocab_size, batch_size, prompt_len, dev)
+    engine = VerifiedEngine(model, batch_size, prompt_len + new_tokens + 2, compile=compile)
     stats = []
 
     def run(n):
-        result = generate_verified(model, prompt, max_new_tokens=n)[1]
+        result = generate_verified(model, prompt, max_new_tokens=n, engine=engine)[1]
         if n == new_tokens:  # not the 1-token run that times the prefill
             stats.append(result)
     per_token = _per_token_ms(run, new_tokens, repeats, warmup, dev)
@@ -150,7 +153,8 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
     drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
     return {"system": "stag verified", "sections": 2, "shared": False, **_speed(per_token, batch_size, model),
             "acceptance": accepted / drafted if drafted else None,
-            "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats)}
+            "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats),
+            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled}
 
 
 def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,
@@ -229,7 +233,7 @@ def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 1
     prompt = (lambda b: prompts_from(prompt_data, tokenizer, b, prompt_len)) if prompt_data else (lambda b: None)
     for batch in batch_sizes:
         if verified:
-            jobs.append(("staggered", batch, lambda b: bench_verified(model, b, prompt=prompt(b), **common)))
+            jobs.append(("staggered", batch, lambda b: bench_verified(model, b, compile=compile, prompt=prompt(b), **common)))
         else:
             jobs.append(("staggered", batch, lambda b: bench_engine(model, b, compile=compile, prompt=prompt(b), **common)))
         if baseline:

@@ -67,6 +67,14 @@ def sample(logits, sampling: Sampling, generator: torch.Generator | None = None)
 
 
 # --- the engine ---------------------------------------------------------------------------------
+def allow_recompiles(limit: int = 64):
+    """torch.compile specialises a step per model and batch size; one process that benchmarks
+    several (stag bench, scripts/gpu_decode.py) passes dynamo's default limit of 8 and fails."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 class DecodeEngine:
     """A model plus a static cache for `batch` rows of up to `max_len` tokens.
 
@@ -92,6 +100,7 @@ class DecodeEngine:
         self.memory_kv = model.memory_kv_weights()  # all depths' memory K/V in one GEMM
         self._step_fn = model.decode_step
         if self.compiled:
+            allow_recompiles()
             self._step_fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False)
         self._graph = None
         self._token = torch.zeros(batch, dtype=torch.long, device=self.device)  # static graph input

@@ -18,12 +18,12 @@ each step as deep as one section (L/2 layers). The output is the source's, whate
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from .cache import Place
-from .decode import Sampling, check_request, eos_and_pad, filter_logits
+from .decode import Sampling, allow_recompiles, check_request, eos_and_pad, filter_logits
 from .errors import StagError
 
 
@@ -46,35 +46,157 @@ class VerifyStats:
 
 
 class VerifiedEngine:
-    """A verify-mode model and its static cache for `batch` rows of up to `max_len` tokens."""
+    """A verify-mode model and its static cache for `batch` rows of up to `max_len` tokens.
 
-    def __init__(self, model, batch: int, max_len: int):
+    Greedy decoding keeps all its bookkeeping on the device (GreedyState) so that a step has no
+    host sync: on CUDA it is captured once in a CUDA graph (cuda_graph, default on there) and
+    replayed; compile: torch.compile the step first (CUDA only), as DecodeEngine does."""
+
+    def __init__(self, model, batch: int, max_len: int, *, cuda_graph: bool | None = None, compile: bool = False):
         if not getattr(model.config, "verified", False):
             raise StagError("verified decoding needs a model converted with --mode verify")
         self.model, self.batch, self.max_len = model, batch, max_len
         self.cache = model.new_cache(batch, max_len)
-        self.pad = None
+        self.device = device = self.cache.key_valid.device
+        on_cuda = device.type == "cuda"
+        self.cuda_graph = on_cuda if cuda_graph is None else (cuda_graph and on_cuda)
+        self.compiled = compile and on_cuda
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # row b's position p is slot pad[b] + p
+        self.state = GreedyState.empty(batch, max_len, model.config, device, self.cache.last_out.dtype)
+        self._step_fn = greedy_step
+        if self.compiled:
+            allow_recompiles()
+            self._step_fn = torch.compile(greedy_step, fullgraph=True, dynamic=False)
+        self._graph = None
 
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None):
         """The prompt through both sections, exactly (the source). Returns its last logits [B, V] and
         the number of real tokens per row."""
+        if input_ids.shape[0] != self.batch:
+            raise StagError(f"engine was built for batch {self.batch}, got {input_ids.shape[0]} rows")
         self.cache.reset()
         if input_ids.shape[1] + 2 > self.max_len:
             raise StagError(f"prompt of {input_ids.shape[1]} tokens does not fit a {self.max_len}-token cache")
         logits = self.model.prefill(input_ids, self.cache, attention_mask)
         count = self.cache.count.clone()
-        self.pad = input_ids.shape[1] - count  # row b's position p lives in slot pad[b] + p
+        self.pad.copy_(input_ids.shape[1] - count)
         return logits, count
 
     @torch.no_grad()
     def step(self, tokens, positions, u_prev):
         """tokens, positions [B, 2] (t-1 and t); u_prev [B, d]: section 1's output at t-1. Returns
         (section 2's logits [B, 2, V]: exact at t-1, draft at t; section 1's outputs [B, 2, d])."""
-        slots = positions + self.pad[:, None]
-        self.cache.key_valid.scatter_(1, slots, True)
-        place = Place(slots, positions, self.cache.key_valid, None, self.max_len)
-        return self.model.verify_step(tokens, place, u_prev, self.cache)
+        return verify_forward(self.model, self.cache, self.pad, self.max_len, tokens, positions, u_prev)
+
+    @torch.no_grad()
+    def greedy_step(self):
+        """One greedy step on self.state (see greedy_step), as a CUDA-graph replay where possible."""
+        if not self.cuda_graph:
+            return self._step_fn(self.model, self.cache, self.pad, self.max_len, self.state)
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+
+    def _capture(self):
+        """Warm up (and compile) on a side stream, then capture one step; the warm-up runs change
+        the state and the cache, so both are saved first and restored after."""
+        keep = self.state.tensors() + self.cache.mutable()
+        saved = [t.clone() for t in keep]
+        args = (self.model, self.cache, self.pad, self.max_len, self.state)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step_fn(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._step_fn(*args)
+        for t, s in zip(keep, saved):
+            t.copy_(s)
+
+
+def verify_forward(model, cache, pad, max_len: int, tokens, positions, u_prev):
+    """The model's verify step on rows' own slots (slot = pad + position)."""
+    slots = positions + pad[:, None]
+    cache.key_valid.scatter_(1, slots, True)
+    place = Place(slots, positions, cache.key_valid, None, max_len)
+    return model.verify_step(tokens, place, u_prev, cache)
+
+
+@dataclass
+class GreedyState:
+    """Greedy verified decoding's loop state, on the device, allocated once per engine and only
+    updated in place (a captured step reads and writes these very tensors)."""
+    prev: torch.Tensor       # [B] token at position t-1
+    z: torch.Tensor          # [B] token at position t: a draft (z_draft) or already known
+    z_draft: torch.Tensor    # [B] bool
+    u_prev: torch.Tensor     # [B, d] section 1's output at t-1
+    pos: torch.Tensor        # [B] t
+    done: torch.Tensor       # [B] bool
+    out: torch.Tensor        # [B, max_len] emitted tokens (the prefill's first one included)
+    n: torch.Tensor          # [B] how many emitted
+    drafted: torch.Tensor    # [B] drafts checked
+    accepted: torch.Tensor   # [B] drafts accepted
+    steps: torch.Tensor      # [1] steps in which any row was active
+    max_new: torch.Tensor    # [1]
+    eos: torch.Tensor        # [V] bool: is an EOS token
+
+    @classmethod
+    def empty(cls, batch: int, max_len: int, cfg, device, dtype):
+        long = lambda *shape: torch.zeros(*shape, dtype=torch.long, device=device)
+        flag = lambda *shape: torch.zeros(*shape, dtype=torch.bool, device=device)
+        return cls(long(batch), long(batch), flag(batch), torch.zeros(batch, cfg.hidden_size, device=device, dtype=dtype),
+                   long(batch), flag(batch), long(batch, max_len), long(batch), long(batch), long(batch), long(1),
+                   long(1), flag(cfg.vocab_size))
+
+    def tensors(self) -> list:
+        return [getattr(self, f.name) for f in fields(self)]
+
+    def start(self, prev, first, pos, u_prev, max_new: int, eos, pad: int):
+        """Fill in place for a new request (first: the prefill's token)."""
+        for t in (self.z_draft, self.n, self.drafted, self.accepted, self.steps, self.eos):
+            t.zero_()
+        self.out.fill_(pad)
+        self.out[:, 0] = first
+        self.n.fill_(1)
+        self.prev.copy_(prev)
+        self.z.copy_(first)
+        self.u_prev.copy_(u_prev)
+        self.pos.copy_(pos)
+        self.max_new.fill_(max_new)
+        self.eos[eos] = True
+        self.done.copy_(self.eos[first] | (self.n >= self.max_new))
+
+
+def greedy_step(model, cache, pad, max_len: int, s: GreedyState):
+    """One greedy verified step, device-only (no host sync, no data-dependent python), so that it
+    can be compiled and captured: verify the draft z against the exact argmax, emit, and advance
+    (accepted or known) or run position t again with the right token (rejected)."""
+    logits, u_rows = verify_forward(model, cache, pad, max_len, torch.stack([s.prev, s.z], 1),
+                                    torch.stack([s.pos - 1, s.pos], 1), s.u_prev)
+    right, next_draft = logits[:, 0].argmax(-1), logits[:, 1].argmax(-1)
+    accept = s.z_draft & (s.z == right)
+    active = ~s.done
+    emit = s.z_draft & active
+    token = torch.where(accept, s.z, right)
+    at = s.n.clamp(max=s.out.shape[1] - 1)[:, None]
+    s.out.scatter_(1, at, torch.where(emit[:, None], token[:, None], s.out.gather(1, at)))
+    n = s.n + emit.long()
+    done = s.done | (emit & s.eos[token]) | (n >= s.max_new)
+    advance = ~(s.z_draft & ~accept) & ~done   # accepted, or z was already known: move on
+    rejected = s.z_draft & ~accept & ~done     # run position t again, with the right token
+    s.steps.add_(active.any().long())
+    s.drafted.add_(emit.long())
+    s.accepted.add_((accept & active).long())
+    s.n.copy_(n)
+    s.done.copy_(done)
+    s.prev.copy_(torch.where(advance, s.z, s.prev))
+    s.u_prev.copy_(torch.where(advance[:, None], u_rows[:, 1], u_rows[:, 0]))
+    s.pos.add_(advance.long())
+    s.z.copy_(torch.where(advance, next_draft, torch.where(rejected, token, s.z)))
+    s.z_draft.copy_(advance)
 
 
 def probabilities(logits, sampling: Sampling):
@@ -88,50 +210,82 @@ def generate_verified(model, input_ids, attention_mask=None, max_new_tokens: int
                       pad_token_id: int | None = None, on_token=None, engine: VerifiedEngine | None = None):
     """Like decode.generate, for a verify-mode model: the source's tokens (greedy: identical to the
     source's greedy decoding; sampling: the source's distribution). Returns (new tokens [B, n],
-    VerifyStats). on_token(row, token) is called for every emitted token."""
+    VerifyStats). on_token(row, token) is called for every emitted token. engine: reuse one (its
+    batch must match and max_len fit), so that a CUDA graph is captured once."""
     sampling = check_request(model, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     B, T = input_ids.shape
-    engine = engine or VerifiedEngine(model, B, T + max_new_tokens + 2)
-    device = engine.cache.key_valid.device
-    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if engine is None:
+        engine = VerifiedEngine(model, B, T + max_new_tokens + 2)
+    elif T + max_new_tokens + 2 > engine.max_len:
+        raise StagError(f"prompt + new tokens ({T + max_new_tokens}) exceed the engine's {engine.max_len - 2}")
+    device = engine.device
     eos, pad = eos_and_pad(eos_token_id, pad_token_id, device)
-
-    def draw(p):
-        return torch.multinomial(p, 1, generator=gen)[:, 0]
-
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     logits, pos = engine.prefill(input_ids.to(device), None if attention_mask is None else attention_mask.to(device))
-    first = logits.argmax(-1) if sampling.greedy else draw(probabilities(logits, sampling))
-    rows: list[list[int]] = [[t] for t in first.tolist()]
+    first = logits.argmax(-1) if sampling.greedy else _draw(probabilities(logits, sampling), gen)
+    u_prev = engine.cache.last_out[0]
+    if sampling.greedy:
+        return _greedy(engine, input_ids[:, -1].to(device), first, pos, u_prev, max_new_tokens, eos, pad, on_token)
+    return _sampled(engine, input_ids[:, -1].to(device), first, pos, u_prev.clone(), max_new_tokens, eos, pad,
+                    sampling, gen, on_token)
+
+
+def _draw(p, gen):
+    return torch.multinomial(p, 1, generator=gen)[:, 0]
+
+
+def _greedy(engine, prev, first, pos, u_prev, max_new_tokens, eos, pad, on_token):
+    """Replay the device-only step in chunks; the host looks (one sync) only between chunks. A
+    chunk is never longer than the fewest steps the furthest row still needs, so no step is wasted
+    unless a row stops at an EOS token."""
+    s = engine.state
+    s.start(prev, first, pos, u_prev, max_new_tokens, eos, pad)
+    shown = [0] * engine.batch
+    while True:
+        n = s.n.tolist()
+        if on_token is not None:
+            out = s.out[:, :max(n)].tolist()
+            for b in range(engine.batch):
+                for t in out[b][shown[b]:n[b]]:
+                    on_token(b, t)
+            shown = n
+        if bool(s.done.all()):
+            break
+        for _ in range(min(max(max_new_tokens - max(n), 1), 16)):
+            engine.greedy_step()
+    n = s.n.tolist()
+    stats = VerifyStats(steps=int(s.steps), drafted=int(s.drafted.sum()), accepted=int(s.accepted.sum()), emitted=n)
+    return s.out[:, :max(n)].cpu(), stats
+
+
+def _sampled(engine, prev, z, pos, u_prev, max_new_tokens, eos, pad, sampling, gen, on_token):
+    """Sampling: speculative sampling's acceptance rule keeps the source's distribution exactly
+    (accept with min(1, p/q), else draw from norm(max(0, p - q))). Eager, a host sync per step."""
+    B, device = engine.batch, engine.device
+    rows: list[list[int]] = [[t] for t in z.tolist()]
     if on_token is not None:
-        for b, t in enumerate(first.tolist()):
+        for b, t in enumerate(z.tolist()):
             on_token(b, t)
-    done = torch.isin(first, eos) | (max_new_tokens <= 1)
+    done = torch.isin(z, eos) | (max_new_tokens <= 1)
     stats = VerifyStats()
-    prev, z = input_ids[:, -1].to(device), first
     z_draft = torch.zeros(B, dtype=torch.bool, device=device)
-    u_prev = engine.cache.last_out[0].clone()
     q_prev = None
     while not bool(done.all()):
         logits, u_rows = engine.step(torch.stack([prev, z], 1), torch.stack([pos - 1, pos], 1), u_prev)
         exact, draft = logits[:, 0], logits[:, 1]
-        if sampling.greedy:
-            right = exact.argmax(-1)
-            accept = z_draft & (z == right)
-            next_draft = draft.argmax(-1)
-        else:  # speculative sampling: the emitted token is distributed as the source's p, exactly
-            p = probabilities(exact, sampling)
-            accept = torch.zeros_like(z_draft)
-            right = draw(p)  # used where nothing was drafted (never emitted there) or q is unknown
-            if q_prev is not None:
-                ratio = p.gather(1, z[:, None])[:, 0] / q_prev.gather(1, z[:, None])[:, 0].clamp(min=1e-30)
-                uniform = torch.rand(B, generator=gen, device=device)
-                accept = z_draft & (uniform < ratio)
-                residual = (p - q_prev).clamp(min=0)
-                mass = residual.sum(-1, keepdim=True)
-                residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-                right = draw(residual)
-            q_prev = probabilities(draft, sampling)
-            next_draft = draw(q_prev)
+        p = probabilities(exact, sampling)
+        accept = torch.zeros_like(z_draft)
+        right = _draw(p, gen)  # used where nothing was drafted (never emitted there) or q is unknown
+        if q_prev is not None:
+            ratio = p.gather(1, z[:, None])[:, 0] / q_prev.gather(1, z[:, None])[:, 0].clamp(min=1e-30)
+            uniform = torch.rand(B, generator=gen, device=device)
+            accept = z_draft & (uniform < ratio)
+            residual = (p - q_prev).clamp(min=0)
+            mass = residual.sum(-1, keepdim=True)
+            residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
+            right = _draw(residual, gen)
+        q_prev = probabilities(draft, sampling)
+        next_draft = _draw(q_prev, gen)
         active = ~done
         emit = z_draft & active
         token = torch.where(accept, z, right)
@@ -152,8 +306,7 @@ def generate_verified(model, input_ids, attention_mask=None, max_new_tokens: int
         z = torch.where(advance, next_draft, torch.where(rejected, token, z))
         z_draft = advance
     stats.emitted = [len(r) for r in rows]
-    width = max(stats.emitted)
-    out = torch.full((B, width), pad, dtype=torch.long)
+    out = torch.full((B, max(stats.emitted)), pad, dtype=torch.long)
     for b, r in enumerate(rows):
         out[b, :len(r)] = torch.tensor(r)
     return out, stats

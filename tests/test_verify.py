@@ -157,3 +157,34 @@ def test_smollm2_verified_greedy_equals_the_source():
     prompt = tokenizer("In the beginning God created", return_tensors="pt").input_ids
     out, stats = generate_verified(model, prompt, max_new_tokens=12)
     assert torch.equal(out, hf_greedy(hf, prompt, 12))
+
+
+def test_greedy_step_traces_as_one_graph():
+    """What compile and CUDA-graph capture need on the GPU: the greedy verified step (model,
+    acceptance and bookkeeping) is one graph without breaks, i.e. no host sync inside a step."""
+    from stagcli.verify import VerifiedEngine, greedy_step
+    model = verified(tiny_hf_model("llama"), fit=True)
+    engine = VerifiedEngine(model, 2, 24)
+    prompt = torch.randint(3, VOCAB, (2, 5))
+    logits, pos = engine.prefill(prompt)
+    engine.state.start(prompt[:, -1], logits.argmax(-1), pos, engine.cache.last_out[0], 8, torch.tensor([1]), 0)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(greedy_step)(model, engine.cache, engine.pad, engine.max_len, engine.state)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_a_reused_engine_gives_the_same_tokens_and_streams_them_in_order():
+    """bench and generate reuse one engine (one CUDA graph): its state must reset between requests."""
+    from stagcli.verify import VerifiedEngine
+    hf = tiny_hf_model("qwen2")
+    model = verified(hf, fit=True)
+    engine = VerifiedEngine(model, 2, 40)
+    prompts = [torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    for prompt, n in zip(prompts, (12, 5)):
+        streamed = {0: [], 1: []}
+        out, stats = generate_verified(model, prompt, max_new_tokens=n, engine=engine,
+                                       on_token=lambda row, token: streamed[row].append(token))
+        assert torch.equal(out, hf_greedy(hf, prompt, n))
+        assert [streamed[0], streamed[1]] == out.tolist() and stats.emitted == [n, n]
+    with pytest.raises(Exception, match="exceed the engine"):
+        generate_verified(model, prompts[0], max_new_tokens=40, engine=engine)
