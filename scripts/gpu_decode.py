@@ -95,7 +95,7 @@ def main():
             attempt("source (same engine, no compile)", b, lambda: bench_engine(base, b, compile=False, **common))
         if not args.no_hf:
             attempt("HF generate (static cache)", b, lambda: bench_hf_generate(hf, b, **common))
-    del base
+    base = None  # free it before the forms
     for form in args.forms.split(","):
         try:
             model = convert_model(hf, Layout(**FORMS[form]))
@@ -110,7 +110,7 @@ def main():
                     attempt(form + " (no compile)", b, lambda: bench_verified(model, b, compile=False, **common))
             else:
                 attempt(form, b, lambda: bench_engine(model, b, compile=compile, **common))
-        del model
+        model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     print(f"wrote {args.out}: {len(rows)} rows, {len(failures)} failures")
