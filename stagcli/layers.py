@@ -159,7 +159,8 @@ def attend(q, k, v, mask):
     mask = mask[:, :, None, None].expand(B, G, heads // G, group, T, K).reshape(B, heads, group * T, K)
     mask = mask.expand(S, *mask.shape).reshape(S * B, heads, group * T, K)
     flat = lambda t: t.reshape(S * B, *t.shape[2:])
-    return F.scaled_dot_product_attention(q, flat(k), flat(v), attn_mask=mask).view(S, B, H, T, hd)
+    # reshape, not view: CUDA's memory-efficient kernel returns a non-contiguous [.., T, H, ..] layout
+    return F.scaled_dot_product_attention(q, flat(k), flat(v), attn_mask=mask).reshape(S, B, H, T, hd)
 
 
 def attention_masks(key_valid, q_slots, window, sliding_window=None):

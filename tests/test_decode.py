@@ -114,3 +114,32 @@ def test_decode_step_traces_as_one_graph(variant):
         explained = torch._dynamo.explain(model.decode_step)(torch.tensor([3, 4]), engine.cache, False,
                                                              engine.memory_kv)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+def test_attention_takes_a_non_contiguous_kernel_output(monkeypatch):
+    """Found on an H100: CUDA's memory-efficient SDPA kernel returns its output in a transposed
+    layout, which a .view() of the result cannot take (an fp32 verify prefill crashed). Simulated
+    here with a kernel that returns the same values in that layout."""
+    import torch.nn.functional as F
+
+    from stagcli import layers
+    sdpa = F.scaled_dot_product_attention
+
+    def transposed(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    model = staggered("llama", "split2-lagged")
+    ids = torch.randint(0, VOCAB, (2, 7))
+    expected = model(ids).logits
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", transposed)
+    assert torch.allclose(model(ids).logits, expected, atol=1e-5)
+
+
+def test_compiling_many_engines_in_one_process_is_allowed():
+    """Found on an H100: scripts/gpu_decode.py compiled the decode step for 9 (model, batch) pairs
+    and hit dynamo's recompile limit of 8 (fullgraph=True makes that an error)."""
+    from stagcli.decode import allow_recompiles
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    allow_recompiles()
+    assert getattr(config, name) >= 64
