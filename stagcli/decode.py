@@ -138,7 +138,7 @@ class DecodeEngine:
         cache = self.cache
         saved = [t.clone() for t in cache.mutable()]
         self._token.copy_(token)
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
@@ -208,23 +208,28 @@ def check_prompt(input_ids, attention_mask=None):
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
              recurrent: bool = False, on_token: Callable | None = None,
-             engine: DecodeEngine | None = None, pad_token_id: int | None = None) -> torch.LongTensor:
+             engine: DecodeEngine | None = None, pad_token_id: int | None = None,
+             on_stats: Callable | None = None) -> torch.LongTensor:
     """Decode up to `max_new_tokens` new tokens for a left-padded batch input_ids [B, T].
 
     Returns the new tokens [B, n] (n <= max_new_tokens: it stops early once every row has emitted
     an EOS token; rows that finished earlier are filled with pad_token_id, default the EOS id).
     on_token(tokens[B]) is called after every step, for streaming. seed makes sampling
     reproducible. engine: reuse a DecodeEngine (its batch must match; max_len must fit).
-    A verify-mode model decodes through stagcli.verify (the source's exact tokens).
+    A verify-mode model decodes through stagcli.verify (the source's exact tokens); on_token then
+    gets row 0's tokens as they are verified, and on_stats(VerifyStats) its acceptance figures.
     """
     if getattr(model.config, "verified", False):
         from .verify import generate_verified
         if recurrent:
             raise StagError("--recurrent is for shared-weights models, not --mode verify")
         streamed = None if on_token is None else (lambda row, token: on_token(torch.tensor([token])) if row == 0 else None)
-        return generate_verified(model, input_ids, attention_mask, max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                                 on_token=streamed if input_ids.shape[0] == 1 else None)[0]
+        out, stats = generate_verified(model, input_ids, attention_mask, max_new_tokens, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
+                                       pad_token_id=pad_token_id, on_token=streamed)
+        if on_stats is not None:
+            on_stats(stats)
+        return out
     sampling = check_request(model, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     batch, prompt_len = input_ids.shape
     if engine is None:
@@ -242,13 +247,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
 
 
 def check_request(model, input_ids, attention_mask, max_new_tokens: int, sampling: Sampling) -> Sampling:
-    """What every decode loop checks before its prefill; returns the checked sampling settings."""
+    """What every decode loop checks before its prefill; returns the checked sampling settings.
+    model: the model or its config (multi-device decoding checks before any rank loads weights)."""
     sampling = sampling.check()
     check_prompt(input_ids, attention_mask)
     if max_new_tokens < 1:
         raise StagError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
     prompt_len = input_ids.shape[1]
-    limit = getattr(model.config, "max_positions", None)
+    limit = getattr(model.config if isinstance(model, torch.nn.Module) else model, "max_positions", None)
     if limit and prompt_len + max_new_tokens > limit:
         raise StagError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceed the model's "
                         f"context of {limit} tokens")

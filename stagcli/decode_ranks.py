@@ -144,13 +144,12 @@ def generate_on_devices(model_source, input_ids, attention_mask=None, max_new_to
     model_source: a path load_model understands (each rank loads it) or an in-memory model
     (pickled to the ranks). len(devices) must equal the model's section count."""
     import torch.multiprocessing as mp
-    from .decode import Sampling, check_prompt
-    Sampling(temperature, top_k, top_p).check()
-    check_prompt(input_ids, attention_mask)
+    from .decode import Sampling, check_request
     config = model_source.config if not isinstance(model_source, str) else None
     if config is None:
         from .convert import load_hf_config
         config = load_hf_config(model_source)
+    check_request(config, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     sections = getattr(config, "sections", 1)
     if len(devices) != sections or sections < 2:
         raise StagError(f"--devices needs one device per section: the model has {sections} section(s), "

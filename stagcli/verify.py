@@ -104,7 +104,7 @@ class VerifiedEngine:
         keep = self.state.tensors() + self.cache.mutable()
         saved = [t.clone() for t in keep]
         args = (self.model, self.cache, self.pad, self.max_len, self.state)
-        stream = torch.cuda.Stream()
+        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
@@ -166,7 +166,7 @@ class GreedyState:
         self.u_prev.copy_(u_prev)
         self.pos.copy_(pos)
         self.max_new.fill_(max_new)
-        self.eos[eos] = True
+        self.eos[eos[(eos >= 0) & (eos < len(self.eos))]] = True  # an id outside the vocabulary never occurs
         self.done.copy_(self.eos[first] | (self.n >= self.max_new))
 
 
@@ -255,7 +255,7 @@ def _greedy(engine, prev, first, pos, u_prev, max_new_tokens, eos, pad, on_token
             engine.greedy_step()
     n = s.n.tolist()
     stats = VerifyStats(steps=int(s.steps), drafted=int(s.drafted.sum()), accepted=int(s.accepted.sum()), emitted=n)
-    return s.out[:, :max(n)].cpu(), stats
+    return s.out[:, :max(n)].to("cpu", copy=True), stats  # a copy: the engine's next request overwrites s.out
 
 
 def _sampled(engine, prev, z, pos, u_prev, max_new_tokens, eos, pad, sampling, gen, on_token):

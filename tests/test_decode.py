@@ -83,6 +83,19 @@ def test_one_rank_per_section_equals_single_process(variant, sampling):
     assert torch.equal(ranks, single)
 
 
+def test_multi_device_decoding_checks_the_request_first():
+    """The same checks as one process (decode.check_request), before any rank is started."""
+    from stagcli.decode_ranks import generate_on_devices
+    from stagcli.errors import StagError
+    model = staggered("llama", "split2-lagged")
+    ids = torch.randint(3, VOCAB, (1, 4))
+    limit = model.config.max_positions
+    for kwargs, message in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=limit), "context"),
+                            (dict(max_new_tokens=4, top_p=0.0), "top")]:
+        with pytest.raises(StagError, match=message):
+            generate_on_devices(model, ids, devices=["cpu", "cpu"], **kwargs)
+
+
 def test_recurrent_greedy_equals_uncached_reference():
     """Recurrent approximation without caches: memory slot k holds pass 1's output for prompt
     positions and pass 2's own output for generated ones; the whole prefix is recomputed each step."""

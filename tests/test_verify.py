@@ -180,11 +180,17 @@ def test_a_reused_engine_gives_the_same_tokens_and_streams_them_in_order():
     model = verified(hf, fit=True)
     engine = VerifiedEngine(model, 2, 40)
     prompts = [torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    outputs = []
     for prompt, n in zip(prompts, (12, 5)):
         streamed = {0: [], 1: []}
         out, stats = generate_verified(model, prompt, max_new_tokens=n, engine=engine,
                                        on_token=lambda row, token: streamed[row].append(token))
         assert torch.equal(out, hf_greedy(hf, prompt, n))
         assert [streamed[0], streamed[1]] == out.tolist() and stats.emitted == [n, n]
+        outputs.append((out, out.clone()))
+    assert all(torch.equal(out, kept) for out, kept in outputs)  # not a view of the engine's buffer
+    # EOS ids outside the vocabulary never occur (as with torch.isin), rather than failing or wrapping
+    out, _ = generate_verified(model, prompts[0], max_new_tokens=12, engine=engine, eos_token_id=[VOCAB + 5, -3])
+    assert torch.equal(out, outputs[0][1])
     with pytest.raises(Exception, match="exceed the engine"):
         generate_verified(model, prompts[0], max_new_tokens=40, engine=engine)

@@ -31,10 +31,6 @@ def generate(
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
 ):
     """Generate text with the parallel-section decode engine, streaming tokens as they come."""
-
-
-    import torch
-
     from ..convert import DTYPES, load_model
     from ..decode import generate as run_generate
     from ..decode import left_pad
@@ -89,18 +85,14 @@ def generate(
             raise StagError("--recurrent runs in one process; drop --devices")
         out = generate_on_devices(model, ids, mask, max_new_tokens, devices=devices.split(","), dtype=dtype,
                                   on_token=on_token, **sampling)
-    elif getattr(loaded.config, "verified", False):
-        from ..verify import generate_verified
-        if recurrent:
-            raise StagError("--recurrent is for shared-weights models, not --mode verify")
-        out, stats = generate_verified(loaded.to(target), ids, mask, max_new_tokens,
-                                       on_token=lambda row, token: on_token(torch.tensor([token])) if row == 0 else None,
-                                       **sampling)
-        verify_note = (f" | verified: acceptance {stats.acceptance:.2f}, "
-                       f"{stats.tokens_per_step:.2f} tokens/step")
     else:
+        verified = []
         loaded = loaded.to(target)
-        out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token, **sampling)
+        out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token,
+                           on_stats=verified.append, **sampling)
+        if verified:
+            verify_note = (f" | verified: acceptance {verified[0].acceptance:.2f}, "
+                           f"{verified[0].tokens_per_step:.2f} tokens/step")
     elapsed = time.perf_counter() - start
     if stream:
         console.print()
