@@ -209,13 +209,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
              recurrent: bool = False, on_token: Callable | None = None,
              engine: DecodeEngine | None = None, pad_token_id: int | None = None,
-             on_stats: Callable | None = None) -> torch.LongTensor:
+             on_stats: Callable | None = None, compile: bool = False) -> torch.LongTensor:
     """Decode up to `max_new_tokens` new tokens for a left-padded batch input_ids [B, T].
 
     Returns the new tokens [B, n] (n <= max_new_tokens: it stops early once every row has emitted
     an EOS token; rows that finished earlier are filled with pad_token_id, default the EOS id).
     on_token(tokens[B]) is called after every step, for streaming. seed makes sampling
-    reproducible. engine: reuse a DecodeEngine (its batch must match; max_len must fit).
+    reproducible. engine: reuse a DecodeEngine (its batch must match; max_len must fit). compile:
+    torch.compile the step before its CUDA-graph capture (CUDA only).
     A verify-mode model decodes through stagcli.verify (the source's exact tokens); on_token then
     gets row 0's tokens as they are verified, and on_stats(VerifyStats) its acceptance figures.
     """
@@ -226,14 +227,14 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *,
         streamed = None if on_token is None else (lambda row, token: on_token(torch.tensor([token])) if row == 0 else None)
         out, stats = generate_verified(model, input_ids, attention_mask, max_new_tokens, temperature=temperature,
                                        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=eos_token_id,
-                                       pad_token_id=pad_token_id, on_token=streamed)
+                                       pad_token_id=pad_token_id, on_token=streamed, compile=compile)
         if on_stats is not None:
             on_stats(stats)
         return out
     sampling = check_request(model, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     batch, prompt_len = input_ids.shape
     if engine is None:
-        engine = DecodeEngine(model, batch, prompt_len + max_new_tokens, recurrent=recurrent)
+        engine = DecodeEngine(model, batch, prompt_len + max_new_tokens, recurrent=recurrent, compile=compile)
     elif prompt_len + max_new_tokens - 1 > engine.max_len:
         raise StagError(f"prompt + new tokens ({prompt_len + max_new_tokens}) exceed the engine's {engine.max_len}")
     device = engine.device

@@ -207,15 +207,17 @@ def probabilities(logits, sampling: Sampling):
 @torch.no_grad()
 def generate_verified(model, input_ids, attention_mask=None, max_new_tokens: int = 32, *, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
-                      pad_token_id: int | None = None, on_token=None, engine: VerifiedEngine | None = None):
+                      pad_token_id: int | None = None, on_token=None, engine: VerifiedEngine | None = None,
+                      compile: bool = False):
     """Like decode.generate, for a verify-mode model: the source's tokens (greedy: identical to the
     source's greedy decoding; sampling: the source's distribution). Returns (new tokens [B, n],
     VerifyStats). on_token(row, token) is called for every emitted token. engine: reuse one (its
-    batch must match and max_len fit), so that a CUDA graph is captured once."""
+    batch must match and max_len fit), so that a CUDA graph is captured once. compile: torch.compile
+    the greedy step before its capture (CUDA only; see VerifiedEngine)."""
     sampling = check_request(model, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     B, T = input_ids.shape
     if engine is None:
-        engine = VerifiedEngine(model, B, T + max_new_tokens + 2)
+        engine = VerifiedEngine(model, B, T + max_new_tokens + 2, compile=compile)
     elif T + max_new_tokens + 2 > engine.max_len:
         raise StagError(f"prompt + new tokens ({T + max_new_tokens}) exceed the engine's {engine.max_len - 2}")
     device = engine.device

@@ -29,6 +29,10 @@ def generate(
     device: Optional[str] = typer.Option(None, help="Device for single-process decoding: cpu, cuda, cuda:1 "
                                          "(default: cuda if available)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the decode step before its "
+                                 "CUDA-graph capture (CUDA only): about 2x faster per token on an H100 after ~40-70 s "
+                                 "of compiling. In bf16 the fused kernels round differently, so a --mode verify "
+                                 "model then gives the source's tokens up to bf16 rounding (bit for bit in fp32)."),
 ):
     """Generate text with the parallel-section decode engine, streaming tokens as they come."""
     from ..convert import DTYPES, load_model
@@ -81,15 +85,15 @@ def generate(
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, eos_token_id=tokenizer.eos_token_id)
     if devices:
         from ..decode_ranks import generate_on_devices
-        if recurrent:
-            raise StagError("--recurrent runs in one process; drop --devices")
+        if recurrent or compile:
+            raise StagError(f"--{'recurrent' if recurrent else 'compile'} runs in one process; drop --devices")
         out = generate_on_devices(model, ids, mask, max_new_tokens, devices=devices.split(","), dtype=dtype,
                                   on_token=on_token, **sampling)
     else:
         verified = []
         loaded = loaded.to(target)
         out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token,
-                           on_stats=verified.append, **sampling)
+                           on_stats=verified.append, compile=compile, **sampling)
         if verified:
             verify_note = (f" | verified: acceptance {verified[0].acceptance:.2f}, "
                            f"{verified[0].tokens_per_step:.2f} tokens/step")
