@@ -1,5 +1,6 @@
 """Held-out perplexity of models as ratios to the source's on the same sequences, on kjv:heldout and
-off-domain pydoc:heldout (scripts/fetch_offdomain.sh), fp32, the first 32 x 256 tokens of each.
+off-domain pydoc:heldout and fortunes:heldout (scripts/fetch_offdomain.sh python3.11-doc fortunes), fp32,
+the first 32 x 256 tokens of each.
 
     python scripts/ppl_ratio.py --source smollm2-135m --results docs/results/bridge/ppl.json NAME=MODEL_DIR ...
 
@@ -17,7 +18,7 @@ from stagcli.data import load_packed
 from stagcli.devices import machine
 from stagcli.train import perplexity as ppl  # also imported by bridge_probe.py
 
-HELDOUT = {"kjv": "kjv:heldout", "pydoc": "pydoc:heldout"}
+HELDOUT = {"kjv": "kjv:heldout", "pydoc": "pydoc:heldout", "fortunes": "fortunes:heldout"}
 
 
 def named_models_cli(doc: str, metavar: str, **options) -> tuple[argparse.Namespace, Path, dict]:

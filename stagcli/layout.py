@@ -35,8 +35,10 @@ class Layout:
                                "(split mode only).", choices=INITS)
     bridge: Optional[str] = option(None, "Predict what section k>1 lost (the source's residual stream at the "
                                          "boundary) from what it may see: ridge, a linear map fitted in closed form "
-                                         "on --calibrate text; mlp, the same plus an MLP to train with stag finetune "
-                                         "--objective bridge (docs/bridge.md). Split and verify modes.", choices=BRIDGES)
+                                         "on --calibrate text; mlp, the same plus an MLP over the current and previous position; attn, the "
+                                         "same plus one decoder layer attending over earlier positions (the strongest). "
+                                         "Train mlp and attn with stag finetune --train bridge (docs/bridge.md). Split "
+                                         "and verify modes.", choices=BRIDGES)
     cross_attn: str = option("sequential", "Where cross-attention sits in a layer. sequential: the paper's "
                                            "extra sublayer after self-attention (own norm, query and output "
                                            "projections). parallel: it reads the same norm(x) as self-attention, "
@@ -60,7 +62,7 @@ class Layout:
             raise StagError(f"--sections must be >= 1, not {self.sections}")
         if self.mode == "verify":
             if self.sections != 2 or not self.bridge or self.window is not None:
-                raise StagError("--mode verify takes --sections 2 and a --bridge (ridge or mlp), no --window")
+                raise StagError("--mode verify takes --sections 2 and a --bridge (ridge, mlp or attn), no --window")
             if num_layers % 2:
                 raise StagError(f"--mode verify splits the model's {num_layers} layers in two halves: needs an even count")
         if self.mode == "split" and num_layers % self.sections:

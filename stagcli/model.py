@@ -27,7 +27,7 @@ from .cache import Place, StagCache
 from .cross_attention import FORMS
 from .layers import (ROPE_SCALINGS, RopeTable, StackedLinear, StackedNorm, apply_rope, attend, few_row_logits,  # noqa: F401
                      attention_masks, merge_heads, split_heads)
-from .section_input import INPUTS
+from .section_input import INPUTS, Rows
 
 
 class StagConfig(PretrainedConfig):
@@ -248,10 +248,16 @@ class StagForCausalLM(PreTrainedModel):
         h = max(self.held.start, 1)
         return slice(0, 1) if self.config.shared else slice(sections.start - h, sections.stop - h)
 
-    def section_inputs(self, emb, prev_emb, prev_below, prev_ok, sections: slice):
-        """Inputs [C, B, T, d] of sections s > 0 (`sections`), from prev_below [C, B, T, d]."""
+    def section_inputs(self, emb, prev_emb, prev_below, prev_ok, sections: slice, place: Place, cache=None):
+        """Inputs [C, B, T, d] of sections s > 0 (`sections`), from prev_below [C, B, T, d], for the
+        new tokens at `place` (a form that attends writes its K/V to `cache` there)."""
         h = max(self.held.start, 1)
-        return self.section_input(emb, prev_emb, prev_below, prev_ok, slice(sections.start - h, sections.stop - h))
+        rows = None
+        if self.section_input.attends:
+            if place.rope is None:
+                place.rope = self.rope_for(place)
+            rows = Rows(place.slots, place.key_valid, place.rope, cache)
+        return self.section_input(emb, prev_emb, prev_below, prev_ok, slice(sections.start - h, sections.stop - h), rows)
 
     # --- training / prefill: section after section over the whole sequence ----------------------
     def place(self, input_ids, attention_mask=None, cache: StagCache | None = None) -> Place:
@@ -267,20 +273,22 @@ class StagForCausalLM(PreTrainedModel):
         them (None for s = 0). Returns [B, T, d]; with a cache, fills its K/V (prefill; then
         remember_last() records what the next step's section inputs read)."""
         x, memory = emb, None
-        if s > 0 and self.config.verified:  # the source's own computation: the exact input
-            x = below
-        elif s > 0:
+        verified = s > 0 and self.config.verified
+        if s > 0 and (not verified or (cache is not None and self.section_input.attends)):
             prev_below = torch.cat([(cache.last_out[s - 1] if cache is not None else torch.zeros_like(below[:, 0]))[:, None],
                                     below[:, :-1]], 1)
             prev_emb = torch.cat([(cache.last_emb if cache is not None else torch.zeros_like(emb[:, 0]))[:, None],
                                   emb[:, :-1]], 1)
             prev_ok = torch.cat([place.prev_valid[:, None], place.valid[:, :-1]], 1)
-            x = self.section_inputs(emb, prev_emb, prev_below[None], prev_ok, slice(s, s + 1))[0]
+            # verified prefill: only to fill an attending bridge's cache with the prompt's rows (drafts read them)
+            x = self.section_inputs(emb, prev_emb, prev_below[None], prev_ok, slice(s, s + 1), place, cache)[0]
             if self.config.exact_first:  # a prompt's first token: section s-1's output there is known
                 x = torch.where(((place.positions == 0) & place.valid)[..., None], below, x)
             if self.mem_norm is not None:
                 memory = self.mem_norm(below[None], self._sets(slice(s, s + 1)))
-        return self.run_blocks(x[None], slice(s, s + 1), place, cache, memory)[0]
+        if verified:  # the source's own computation: the exact input
+            x = below
+        return self.run_blocks(x[None], slice(s, s + 1), place, cache, memory, rope=place.rope)[0]
 
     def run_sections(self, input_ids, attention_mask=None, cache: StagCache | None = None,
                      memory_override=None):
@@ -322,13 +330,14 @@ class StagForCausalLM(PreTrainedModel):
         layers give at the same position: mean squared error over the mean square of the target, on
         positions > 0 (position 0 reads the exact value). The targets come from exact_outputs under
         no_grad: only the bridges get gradients. Returns [sections - 1]."""
+        place = self.place(input_ids, attention_mask)
         with torch.no_grad():
-            emb = self.embed_tokens(input_ids, self.place(input_ids, attention_mask).positions)
+            emb = self.embed_tokens(input_ids, place.positions)
             targets = torch.stack(self.exact_outputs(input_ids, attention_mask, upto=self.config.sections - 1))
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         shift = lambda t: torch.cat([torch.zeros_like(t[..., :1, :]), t[..., :-1, :]], -2)
         prev_ok = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], 1)
-        pred = self.section_inputs(emb, shift(emb), shift(targets), prev_ok, slice(1, self.config.sections))
+        pred = self.section_inputs(emb, shift(emb), shift(targets), prev_ok, slice(1, self.config.sections), place)
         keep = (prev_ok & valid)[None, ..., None].to(pred.dtype)
         err = ((pred.float() - targets.float()) ** 2 * keep).sum((1, 2, 3))
         return err / ((targets.float() ** 2) * keep).sum((1, 2, 3)).clamp(min=1e-12)
@@ -358,9 +367,10 @@ class StagForCausalLM(PreTrainedModel):
     def new_cache(self, batch, max_len, dtype=None) -> StagCache:
         held, cfg = self.held, self.config
         form = FORMS.get(cfg.cross_attn) if cfg.cross_sets else None
+        attends = self.section_input is not None and self.section_input.attends
         return StagCache(cfg, batch, max_len, self.embed.weight.device, dtype or self.embed.weight.dtype,
                          sections=held.stop - held.start, memories=held.stop - max(held.start, 1),
-                         joint=bool(form and form.joint_cache))
+                         joint=bool(form and form.joint_cache), bridge_kv_heads=cfg.num_kv_heads if attends else 0)
 
     @torch.no_grad()
     def prefill(self, input_ids, cache: StagCache, attention_mask=None):
@@ -382,19 +392,18 @@ class StagForCausalLM(PreTrainedModel):
         if recurrent and not (cfg.shared and cfg.sections > 1):
             raise ValueError("recurrent decoding needs a shared-weights model with >= 2 sections")
         place = cache.reserve_one()
+        place.rope = self.rope_for(place)
         emb = self.embed_tokens(token[:, None], place.positions)  # [B, 1, d]
         sections = slice(cfg.sections - 1 if recurrent else self.held.start, self.held.stop)
         x = emb[None].expand(sections.stop - sections.start, -1, -1, -1)
         upper = slice(max(sections.start, 1), sections.stop)  # rows that read the section below
         if upper.stop > upper.start and not recurrent:
             inputs = self.section_inputs(emb, cache.last_emb[:, None], cache.last_out[upper.start - 1:upper.stop - 1, :, None],
-                                         place.prev_valid[:, None], upper)
+                                         place.prev_valid[:, None], upper, place, cache)
             x = torch.cat([x[:upper.start - sections.start], inputs]) if upper.start > sections.start else inputs
-        rope = self.rope_for(place)
-        out = self.run_blocks(x, sections, place, cache, rope=rope)[:, :, -1]
+        out = self.run_blocks(x, sections, place, cache, rope=place.rope)[:, :, -1]
         cache.last_out[sections] = out
         cache.last_emb.copy_(emb[:, -1])
-        place.rope = rope
         return out, place
 
     def decode_step(self, token, cache: StagCache, recurrent: bool = False, memory_kv=None):
@@ -413,7 +422,8 @@ class StagForCausalLM(PreTrainedModel):
         sections. Returns (section 2's logits [B, 2, V], section 1's outputs [B, 2, d])."""
         emb = self.embed_tokens(tokens, place.positions)
         ones = torch.ones_like(tokens[:, :1], dtype=torch.bool)
-        draft = self.section_inputs(emb[:, 1:], emb[:, :1], u_prev[None, :, None], ones, slice(1, 2))[0]
+        at_t = Place(place.slots[:, 1:], place.positions[:, 1:], place.key_valid, ones[:, 0], place.length)
+        draft = self.section_inputs(emb[:, 1:], emb[:, :1], u_prev[None, :, None], ones, slice(1, 2), at_t, cache)[0]
         x = torch.stack([emb, torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)])
         out = self.run_blocks(x, slice(0, 2), place, cache, cross=False)
         return self.logits(out[1]), out[0]

@@ -163,7 +163,7 @@ def validate(cfg: TrainConfig, model) -> TrainConfig:
     bridged = section_input is not None and any(True for _ in section_input.parameters())
     if (cfg.train == "bridge" or "bridge" in cfg.objective) and not bridged:
         raise StagError("--train bridge / --objective bridge: this model has no learned bridge "
-                        "(convert it with --bridge ridge or mlp)")
+                        "(convert it with --bridge ridge, mlp or attn)")
     if cfg.objective == "bridge" and cfg.train != "bridge":  # only the bridge has a gradient anyway
         cfg = dataclasses.replace(cfg, train="bridge")
     if cfg.hidden_weight and not cfg.distill_from:

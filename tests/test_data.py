@@ -121,3 +121,32 @@ def test_a_multiple_of_the_tokenizer_batch_packs(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"doc {i} and more"}) + "\n" for i in range(TOKENIZE_BATCH)))
     assert pack([path], tiny_tokenizer(), 8).numel() > 0
+
+
+def test_debian_corpora_split_by_document_and_name_their_package(tmp_path):
+    """A Debian text corpus (stagcli.corpora.DEBIAN) reads its extracted package: documents per file or
+    per separator, train/heldout by document name, evaluation-only corpora have no train split, and a
+    missing package names the fetch command."""
+    import gzip
+
+    from stagcli.corpora import corpus_path
+    with pytest.raises(StagError, match="fetch_offdomain.sh fortunes"):
+        corpus_path("fortunes:heldout")
+    with pytest.raises(StagError, match="pydoc:heldout \\(off-domain evaluation only\\)"):
+        corpus_path("pydoc:train")
+    fortunes = tmp_path / "cache/debian/fortunes/usr/share/games/fortunes"
+    fortunes.mkdir(parents=True)
+    (fortunes / "b.u8").write_text("second file\n%\n")
+    (fortunes / "a.u8").write_text("one\n%\ntwo lines\nof it\n%\n\n%\nthree\n")
+    (fortunes / "a").write_text("not utf-8 twin: ignored\n")
+    rows = [json.loads(line) for line in corpus_path("fortunes:heldout").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["one", "two lines\nof it", "three", "second file"]
+    assert rows[0]["source"] == "a.u8#0"
+    docs = tmp_path / "cache/debian/linux-doc-6.1/usr/share/doc/linux-doc-6.1/Documentation/sub"
+    docs.mkdir(parents=True)
+    for i in range(60):
+        with gzip.open(docs / f"doc{i}.rst.gz", "wt") as f:
+            f.write(f"document {i}\n")
+    train, heldout = (corpus_path(f"linuxdoc:{s}").read_text().splitlines() for s in ("train", "heldout"))
+    assert len(train) + len(heldout) == 60 and 0 < len(heldout) < 10
+    assert not {json.loads(r)["source"] for r in train} & {json.loads(r)["source"] for r in heldout}

@@ -23,6 +23,8 @@ VARIANTS = {
     "split2-ridge": dict(sections=2, bridge="ridge"),
     "split2-mlp-parallel": dict(sections=2, bridge="mlp", cross_attn="parallel"),
     "split4-mlp-window2": dict(sections=4, bridge="mlp", window=2),
+    "split2-attn": dict(sections=2, bridge="attn"),
+    "split4-attn-parallel": dict(sections=4, bridge="attn", cross_attn="parallel"),
 }
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral-window", "gpt2"]
 
@@ -80,7 +82,7 @@ def test_fused_memory_kv_equals_per_depth(family, variant):
     assert (decode_logits(model, ids, 4, fused_memory=True) - full[:, 3:]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["split2", "split2-lagged", "shared2-window2"])
+@pytest.mark.parametrize("variant", ["split2", "split2-lagged", "shared2-window2", "split2-attn"])
 def test_left_padded_batch_decodes_like_each_row_alone(variant):
     model = staggered("llama", variant)
     rows = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 5, 7)]

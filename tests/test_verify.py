@@ -20,9 +20,13 @@ def verified(hf, bridge="ridge", fit=False):
     if fit:  # a bridge fitted on the source's own activations over random text: better than chance
         from stagcli.bridge import fit_ridge
         fit_ridge(model, torch.randint(3, VOCAB, (16, 64), generator=torch.Generator().manual_seed(0)), lam=1e-3)
-    elif bridge == "mlp":  # a poor bridge: random
+        if bridge == "attn":  # its layer's zero output made slightly non-zero, so that its cache path counts
+            with torch.no_grad():
+                model.section_input.out.weight.normal_(std=0.01, generator=torch.Generator().manual_seed(1))
+    else:  # a poor bridge: random (its zero-initialised output too)
         with torch.no_grad():
-            model.section_input.down.weight.normal_(std=0.3)
+            for p in model.section_input.parameters():
+                p.normal_(std=0.3)
     return model
 
 
@@ -32,7 +36,8 @@ def hf_greedy(hf, prompt, n, mask=None):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
-@pytest.mark.parametrize("bridge, fit", [("mlp", False), ("ridge", True)], ids=["poor-bridge", "fitted-bridge"])
+@pytest.mark.parametrize("bridge, fit", [("mlp", False), ("attn", False), ("ridge", True), ("attn", True)],
+                         ids=["poor-mlp", "poor-attn", "fitted-ridge", "fitted-attn"])
 def test_greedy_tokens_are_the_sources(family, bridge, fit):
     hf = tiny_hf_model(family)
     model = verified(hf, bridge, fit)
@@ -49,9 +54,10 @@ def test_greedy_tokens_are_the_sources(family, bridge, fit):
         assert stats.acceptance < 0.2  # ... a random one's rarely: the output is the same either way
 
 
-def test_left_padded_rows_accept_independently():
+@pytest.mark.parametrize("bridge, fit", [("ridge", True), ("attn", True)])
+def test_left_padded_rows_accept_independently(bridge, fit):
     hf = tiny_hf_model("llama")
-    model = verified(hf, fit=True)
+    model = verified(hf, bridge, fit)
     rows = [[5, 9, 11, 4, 7, 30], [8, 3], [40, 41, 42, 43]]
     from stagcli.decode import left_pad
     ids, mask = left_pad(rows)
