@@ -170,18 +170,29 @@ class PackedData:
         return self.train.shape[1]
 
 
+def load_balanced(specs, tokenizer, seq_len: int, use_cache: bool = True) -> torch.Tensor:
+    """As load_packed, but each spec packed on its own and cut to the sequence count of the smallest
+    (evenly spaced through each, so a book or a topic is not cut off whole), then joined in spec order:
+    a small source weighs as much as a large one."""
+    parts = [load_packed(spec, tokenizer, seq_len, use_cache) for spec in split_specs(specs)]
+    n = min(len(p) for p in parts)
+    return torch.cat([p[torch.linspace(0, len(p) - 1, n).round().long()] for p in parts])
+
+
 def build_data(data, tokenizer, seq_len: int, heldout=None, heldout_fraction: float = HELDOUT_FRACTION,
-               use_cache: bool = True) -> PackedData:
-    """Training and held-out sequences; see the module docstring for the held-out rule."""
+               use_cache: bool = True, balance: bool = False) -> PackedData:
+    """Training and held-out sequences; see the module docstring for the held-out rule. balance: the
+    training sources in equal shares (load_balanced)."""
+    load = load_balanced if balance else load_packed
     if heldout:
         overlap = set(resolve_sources(data)) & set(resolve_sources(heldout))
         if overlap:
             raise StagError(f"held-out data overlaps the training data: {sorted(map(str, overlap))[0]}")
-        return PackedData(load_packed(data, tokenizer, seq_len, use_cache),
+        return PackedData(load(data, tokenizer, seq_len, use_cache),
                           load_packed(heldout, tokenizer, seq_len, use_cache), ", ".join(split_specs(heldout)))
     if not 0 < heldout_fraction < 1:
         raise StagError(f"held-out fraction must be between 0 and 1, not {heldout_fraction}")
-    packed = load_packed(data, tokenizer, seq_len, use_cache)
+    packed = load(data, tokenizer, seq_len, use_cache)
     n_held = max(1, math.ceil(heldout_fraction * packed.shape[0]))
     if packed.shape[0] - n_held < 1:
         raise StagError(f"the data gives only {packed.shape[0]} sequence(s) of {seq_len} tokens: too few to "

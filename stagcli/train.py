@@ -57,6 +57,9 @@ class TrainConfig:
     data: list = option([], H_DATA, flags=("--data", "-d"))
     heldout: Optional[list] = option(None, "Held-out text (same kinds as --data), never trained on. Default: "
                                            "the last --heldout-fraction of the packed --data sequences.")
+    balance_data: bool = option(False, "Take the same number of sequences from every --data source (as many as the "
+                                       "smallest gives, spread evenly through each), so a small source is not drowned "
+                                       "out by a large one (e.g. the source's own samples beside KJV).")
     heldout_fraction: float = option(HELDOUT_FRACTION, "Share of packed sequences held out when no --heldout "
                                                        "is given.")
     seq_len: Optional[int] = option(None, "Tokens per packed sequence; at most the model's max_positions.",
@@ -517,7 +520,8 @@ class FineTune:
                 raise StagError("the model has no tokenizer to read the data with; pass --tokenizer PATH")
             self.emit("on_phase", "reading and tokenizing the data")
             with self.accelerator.main_process_first():  # the main process tokenizes and caches, the rest read
-                self.data = build_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.heldout, cfg.heldout_fraction)
+                self.data = build_data(cfg.data, self.tokenizer, cfg.seq_len, cfg.heldout, cfg.heldout_fraction,
+                                       balance=cfg.balance_data)
         data = self.data
         if data.seq_len != self.cfg.seq_len:
             raise StagError(f"the given data has sequences of {data.seq_len} tokens, not --seq-len {self.cfg.seq_len}")

@@ -48,9 +48,10 @@ class VerifyStats:
 class VerifiedEngine:
     """A verify-mode model and its static cache for `batch` rows of up to `max_len` tokens.
 
-    Greedy decoding keeps all its bookkeeping on the device (GreedyState) so that a step has no
-    host sync: on CUDA it is captured once in a CUDA graph (cuda_graph, default on there) and
-    replayed; compile: torch.compile the step first (CUDA only), as DecodeEngine does."""
+    Both greedy and sampled steps keep all their bookkeeping on the device (VerifyState), so a step
+    has no host sync. The greedy step is captured once in a CUDA graph on CUDA (cuda_graph, default on
+    there) and replayed; compile: torch.compile it first (CUDA only), as DecodeEngine does. The
+    sampled step runs eagerly (its draws come from the request's seeded generator)."""
 
     def __init__(self, model, batch: int, max_len: int, *, cuda_graph: bool | None = None, compile: bool = False):
         if not getattr(model.config, "verified", False):
@@ -62,7 +63,7 @@ class VerifiedEngine:
         self.cuda_graph = on_cuda if cuda_graph is None else (cuda_graph and on_cuda)
         self.compiled = compile and on_cuda
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)  # row b's position p is slot pad[b] + p
-        self.state = GreedyState.empty(batch, max_len, model.config, device, self.cache.last_out.dtype)
+        self.state = VerifyState.empty(batch, max_len, model.config, device, self.cache.last_out.dtype)
         self._step_fn = greedy_step
         if self.compiled:
             allow_recompiles()
@@ -88,6 +89,11 @@ class VerifiedEngine:
         """tokens, positions [B, 2] (t-1 and t); u_prev [B, d]: section 1's output at t-1. Returns
         (section 2's logits [B, 2, V]: exact at t-1, draft at t; section 1's outputs [B, 2, d])."""
         return verify_forward(self.model, self.cache, self.pad, self.max_len, tokens, positions, u_prev)
+
+    @torch.no_grad()
+    def sampled_step(self, sampling: Sampling, gen=None):
+        """One sampled step on self.state (see sampled_step): eager, its draws from `gen`."""
+        sampled_step(self.model, self.cache, self.pad, self.max_len, self.state, sampling, gen)
 
     @torch.no_grad()
     def greedy_step(self):
@@ -126,9 +132,9 @@ def verify_forward(model, cache, pad, max_len: int, tokens, positions, u_prev):
 
 
 @dataclass
-class GreedyState:
-    """Greedy verified decoding's loop state, on the device, allocated once per engine and only
-    updated in place (a captured step reads and writes these very tensors)."""
+class VerifyState:
+    """Verified decoding's loop state, on the device, allocated once per engine and only updated in
+    place (a captured step reads and writes these very tensors)."""
     prev: torch.Tensor       # [B] token at position t-1
     z: torch.Tensor          # [B] token at position t: a draft (z_draft) or already known
     z_draft: torch.Tensor    # [B] bool
@@ -142,6 +148,7 @@ class GreedyState:
     steps: torch.Tensor      # [1] steps in which any row was active
     max_new: torch.Tensor    # [1]
     eos: torch.Tensor        # [V] bool: is an EOS token
+    q: torch.Tensor          # [B, V] sampling: the distribution the draft z was drawn from
 
     @classmethod
     def empty(cls, batch: int, max_len: int, cfg, device, dtype):
@@ -149,12 +156,12 @@ class GreedyState:
         flag = lambda *shape: torch.zeros(*shape, dtype=torch.bool, device=device)
         return cls(long(batch), long(batch), flag(batch), torch.zeros(batch, cfg.hidden_size, device=device, dtype=dtype),
                    long(batch), flag(batch), long(batch, max_len), long(batch), long(batch), long(batch), long(1),
-                   long(1), flag(cfg.vocab_size))
+                   long(1), flag(cfg.vocab_size), torch.zeros(0, device=device))
 
     def tensors(self) -> list:
         return [getattr(self, f.name) for f in fields(self)]
 
-    def start(self, prev, first, pos, u_prev, max_new: int, eos, pad: int):
+    def start(self, prev, first, pos, u_prev, max_new: int, eos, pad: int, sampling: bool = False):
         """Fill in place for a new request (first: the prefill's token)."""
         for t in (self.z_draft, self.n, self.drafted, self.accepted, self.steps, self.eos):
             t.zero_()
@@ -168,16 +175,39 @@ class GreedyState:
         self.max_new.fill_(max_new)
         self.eos[eos[(eos >= 0) & (eos < len(self.eos))]] = True  # an id outside the vocabulary never occurs
         self.done.copy_(self.eos[first] | (self.n >= self.max_new))
+        if sampling and self.q.shape != (len(prev), len(self.eos)):
+            self.q = torch.zeros(len(prev), len(self.eos), device=prev.device)
 
 
-def greedy_step(model, cache, pad, max_len: int, s: GreedyState):
+def greedy_step(model, cache, pad, max_len: int, s: VerifyState):
     """One greedy verified step, device-only (no host sync, no data-dependent python), so that it
     can be compiled and captured: verify the draft z against the exact argmax, emit, and advance
     (accepted or known) or run position t again with the right token (rejected)."""
     logits, u_rows = verify_forward(model, cache, pad, max_len, torch.stack([s.prev, s.z], 1),
                                     torch.stack([s.pos - 1, s.pos], 1), s.u_prev)
-    right, next_draft = logits[:, 0].argmax(-1), logits[:, 1].argmax(-1)
-    accept = s.z_draft & (s.z == right)
+    right = logits[:, 0].argmax(-1)
+    _advance(s, s.z_draft & (s.z == right), right, logits[:, 1].argmax(-1), u_rows)
+
+
+def sampled_step(model, cache, pad, max_len: int, s: VerifyState, sampling: Sampling, gen=None):
+    """One sampled verified step, device-only like greedy_step: speculative sampling's rule keeps the
+    source's distribution exactly (accept the draft z ~ q with probability min(1, p(z)/q(z)), else
+    draw from norm(max(0, p - q)))."""
+    logits, u_rows = verify_forward(model, cache, pad, max_len, torch.stack([s.prev, s.z], 1),
+                                    torch.stack([s.pos - 1, s.pos], 1), s.u_prev)
+    p, z = probabilities(logits[:, 0], sampling), s.z[:, None]
+    ratio = p.gather(1, z)[:, 0] / s.q.gather(1, z)[:, 0].clamp(min=1e-30)
+    accept = s.z_draft & (torch.rand(len(z), generator=gen, device=z.device) < ratio)
+    residual = (p - s.q).clamp(min=0)  # where nothing was drafted (z known) `right` is never emitted
+    mass = residual.sum(-1, keepdim=True)
+    right = draw(torch.where(mass > 0, residual / mass.clamp(min=1e-30), p), gen)
+    s.q.copy_(probabilities(logits[:, 1], sampling))
+    _advance(s, accept, right, draw(s.q, gen), u_rows)
+
+
+def _advance(s: VerifyState, accept, right, next_draft, u_rows):
+    """The bookkeeping after a verified step: emit the accepted draft or the right token, then advance
+    (accepted, or z was already known) or run position t again with the right token (rejected)."""
     active = ~s.done
     emit = s.z_draft & active
     token = torch.where(accept, s.z, right)
@@ -185,8 +215,8 @@ def greedy_step(model, cache, pad, max_len: int, s: GreedyState):
     s.out.scatter_(1, at, torch.where(emit[:, None], token[:, None], s.out.gather(1, at)))
     n = s.n + emit.long()
     done = s.done | (emit & s.eos[token]) | (n >= s.max_new)
-    advance = ~(s.z_draft & ~accept) & ~done   # accepted, or z was already known: move on
-    rejected = s.z_draft & ~accept & ~done     # run position t again, with the right token
+    advance = ~(s.z_draft & ~accept) & ~done
+    rejected = s.z_draft & ~accept & ~done
     s.steps.add_(active.any().long())
     s.drafted.add_(emit.long())
     s.accepted.add_((accept & active).long())
@@ -202,6 +232,11 @@ def greedy_step(model, cache, pad, max_len: int, s: GreedyState):
 def probabilities(logits, sampling: Sampling):
     """The distribution the source samples from: softmax of the filtered logits / temperature."""
     return filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+
+
+def draw(p, gen=None):
+    """A token per row from probabilities p [B, V], on the device (Gumbel-max: no multinomial sync)."""
+    return (p.log() - torch.empty_like(p).exponential_(generator=gen).log()).argmax(-1)
 
 
 @torch.no_grad()
@@ -224,26 +259,13 @@ def generate_verified(model, input_ids, attention_mask=None, max_new_tokens: int
     eos, pad = eos_and_pad(eos_token_id, pad_token_id, device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     logits, pos = engine.prefill(input_ids.to(device), None if attention_mask is None else attention_mask.to(device))
-    first = logits.argmax(-1) if sampling.greedy else _draw(probabilities(logits, sampling), gen)
-    u_prev = engine.cache.last_out[0]
-    if sampling.greedy:
-        return _greedy(engine, input_ids[:, -1].to(device), first, pos, u_prev, max_new_tokens, eos, pad, on_token)
-    return _sampled(engine, input_ids[:, -1].to(device), first, pos, u_prev.clone(), max_new_tokens, eos, pad,
-                    sampling, gen, on_token)
-
-
-def _draw(p, gen):
-    return torch.multinomial(p, 1, generator=gen)[:, 0]
-
-
-def _greedy(engine, prev, first, pos, u_prev, max_new_tokens, eos, pad, on_token):
-    """Replay the device-only step in chunks; the host looks (one sync) only between chunks. A
-    chunk is never longer than the fewest steps the furthest row still needs, so no step is wasted
-    unless a row stops at an EOS token."""
+    first = logits.argmax(-1) if sampling.greedy else draw(probabilities(logits, sampling), gen)
     s = engine.state
-    s.start(prev, first, pos, u_prev, max_new_tokens, eos, pad)
+    s.start(input_ids[:, -1].to(device), first, pos, engine.cache.last_out[0], max_new_tokens, eos, pad,
+            sampling=not sampling.greedy)
+    step = engine.greedy_step if sampling.greedy else (lambda: engine.sampled_step(sampling, gen))
     shown = [0] * engine.batch
-    while True:
+    while True:  # steps in chunks; the host looks (one sync) only between chunks
         n = s.n.tolist()
         if on_token is not None:
             out = s.out[:, :max(n)].tolist()
@@ -253,62 +275,9 @@ def _greedy(engine, prev, first, pos, u_prev, max_new_tokens, eos, pad, on_token
             shown = n
         if bool(s.done.all()):
             break
+        # never more steps than the furthest row still needs: none is wasted unless a row stops at an EOS
         for _ in range(min(max(max_new_tokens - max(n), 1), 16)):
-            engine.greedy_step()
+            step()
     n = s.n.tolist()
     stats = VerifyStats(steps=int(s.steps), drafted=int(s.drafted.sum()), accepted=int(s.accepted.sum()), emitted=n)
     return s.out[:, :max(n)].to("cpu", copy=True), stats  # a copy: the engine's next request overwrites s.out
-
-
-def _sampled(engine, prev, z, pos, u_prev, max_new_tokens, eos, pad, sampling, gen, on_token):
-    """Sampling: speculative sampling's acceptance rule keeps the source's distribution exactly
-    (accept with min(1, p/q), else draw from norm(max(0, p - q))). Eager, a host sync per step."""
-    B, device = engine.batch, engine.device
-    rows: list[list[int]] = [[t] for t in z.tolist()]
-    if on_token is not None:
-        for b, t in enumerate(z.tolist()):
-            on_token(b, t)
-    done = torch.isin(z, eos) | (max_new_tokens <= 1)
-    stats = VerifyStats()
-    z_draft = torch.zeros(B, dtype=torch.bool, device=device)
-    q_prev = None
-    while not bool(done.all()):
-        logits, u_rows = engine.step(torch.stack([prev, z], 1), torch.stack([pos - 1, pos], 1), u_prev)
-        exact, draft = logits[:, 0], logits[:, 1]
-        p = probabilities(exact, sampling)
-        accept = torch.zeros_like(z_draft)
-        right = _draw(p, gen)  # used where nothing was drafted (never emitted there) or q is unknown
-        if q_prev is not None:
-            ratio = p.gather(1, z[:, None])[:, 0] / q_prev.gather(1, z[:, None])[:, 0].clamp(min=1e-30)
-            uniform = torch.rand(B, generator=gen, device=device)
-            accept = z_draft & (uniform < ratio)
-            residual = (p - q_prev).clamp(min=0)
-            mass = residual.sum(-1, keepdim=True)
-            residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)
-            right = _draw(residual, gen)
-        q_prev = probabilities(draft, sampling)
-        next_draft = _draw(q_prev, gen)
-        active = ~done
-        emit = z_draft & active
-        token = torch.where(accept, z, right)
-        stats.steps += 1
-        stats.drafted += int(emit.sum())
-        stats.accepted += int((accept & active).sum())
-        for b in emit.nonzero()[:, 0].tolist():
-            t = int(token[b])
-            rows[b].append(t)
-            if on_token is not None:
-                on_token(b, t)
-        done = done | (emit & torch.isin(token, eos)) | (torch.tensor([len(r) for r in rows], device=device) >= max_new_tokens)
-        advance = ~(z_draft & ~accept) & ~done   # accepted, or z was already known: move on
-        rejected = z_draft & ~accept & ~done     # run position t again, with the right token
-        prev = torch.where(advance, z, prev)
-        u_prev = torch.where(advance[:, None], u_rows[:, 1], u_rows[:, 0])
-        pos = pos + advance.long()
-        z = torch.where(advance, next_draft, torch.where(rejected, token, z))
-        z_draft = advance
-    stats.emitted = [len(r) for r in rows]
-    out = torch.full((B, max(stats.emitted)), pad, dtype=torch.long)
-    for b, r in enumerate(rows):
-        out[b, :len(r)] = torch.tensor(r)
-    return out, stats

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_tokenizer
 from stagcli import data as data_mod
-from stagcli.data import build_data, load_packed, pack, resolve_sources
+from stagcli.data import build_data, load_balanced, load_packed, pack, resolve_sources
 from stagcli.errors import StagError
 
 
@@ -150,3 +150,18 @@ def test_debian_corpora_split_by_document_and_name_their_package(tmp_path):
     train, heldout = (corpus_path(f"linuxdoc:{s}").read_text().splitlines() for s in ("train", "heldout"))
     assert len(train) + len(heldout) == 60 and 0 < len(heldout) < 10
     assert not {json.loads(r)["source"] for r in train} & {json.loads(r)["source"] for r in heldout}
+
+
+def test_balanced_data_takes_equal_shares_spread_through_each_source(tmp_path, tok):
+    big, small = tmp_path / "big.txt", tmp_path / "small.txt"
+    big.write_text(" ".join(f"w{i % 40}" for i in range(4000)))
+    small.write_text(" ".join(f"w{i % 7}" for i in range(300)))
+    each = [load_packed(str(f), tok, 16) for f in (big, small)]
+    n = len(each[1])
+    assert len(each[0]) > 3 * n
+    mixed = build_data([str(big), str(small)], tok, 16, balance=True, heldout_fraction=0.1).train
+    assert torch.equal(load_balanced([str(big), str(small)], tok, 16)[:len(mixed)], mixed)
+    balanced = load_balanced([str(big), str(small)], tok, 16)
+    assert len(balanced) == 2 * n
+    assert torch.equal(balanced[n:], each[1])  # the smallest whole
+    assert torch.equal(balanced[0], each[0][0]) and torch.equal(balanced[n - 1], each[0][-1])  # spread to the end

@@ -165,17 +165,22 @@ def test_smollm2_verified_greedy_equals_the_source():
     assert torch.equal(out, hf_greedy(hf, prompt, 12))
 
 
-def test_greedy_step_traces_as_one_graph():
-    """What compile and CUDA-graph capture need on the GPU: the greedy verified step (model,
-    acceptance and bookkeeping) is one graph without breaks, i.e. no host sync inside a step."""
-    from stagcli.verify import VerifiedEngine, greedy_step
-    model = verified(tiny_hf_model("llama"), fit=True)
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_verified_step_traces_as_one_graph(sampled):
+    """What compile and CUDA-graph capture need on the GPU: a verified step (model, acceptance and
+    bookkeeping) is one graph without breaks, i.e. no host sync inside a step, greedy or sampled."""
+    from stagcli.decode import Sampling
+    from stagcli.verify import VerifiedEngine, greedy_step, sampled_step
+    model = verified(tiny_hf_model("llama"), "attn", fit=True)
     engine = VerifiedEngine(model, 2, 24)
     prompt = torch.randint(3, VOCAB, (2, 5))
     logits, pos = engine.prefill(prompt)
-    engine.state.start(prompt[:, -1], logits.argmax(-1), pos, engine.cache.last_out[0], 8, torch.tensor([1]), 0)
+    engine.state.start(prompt[:, -1], logits.argmax(-1), pos, engine.cache.last_out[0], 8, torch.tensor([1]), 0,
+                       sampling=sampled)
+    args = (model, engine.cache, engine.pad, engine.max_len, engine.state)
     with torch.no_grad():
-        explained = torch._dynamo.explain(greedy_step)(model, engine.cache, engine.pad, engine.max_len, engine.state)
+        explained = torch._dynamo.explain(sampled_step)(*args, Sampling(0.8, 5, 0.9)) if sampled \
+            else torch._dynamo.explain(greedy_step)(*args)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
 
 
