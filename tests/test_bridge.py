@@ -39,18 +39,20 @@ def test_ridge_fit_is_the_least_squares_optimum(corpus):
     assert fitted < 0.5  # most of the missing input is predictable here
 
 
-def test_convert_with_a_bridge_writes_a_loadable_fitted_model(src, corpus, tmp_path):
+@pytest.mark.parametrize("bridge, learned_output", [("mlp", "down"), ("attn", "out")])
+def test_convert_with_a_bridge_writes_a_loadable_fitted_model(src, corpus, tmp_path, bridge, learned_output):
     out = tmp_path / "bridged"
-    result = runner.invoke(app, ["convert", str(src), str(out), "--sections", "2", "--bridge", "mlp",
+    result = runner.invoke(app, ["convert", str(src), str(out), "--sections", "2", "--bridge", bridge,
                                  "--calibrate", str(corpus), "--calibrate-tokens", "2000"])
     assert result.exit_code == 0, result.output
-    assert "mlp bridge" in result.output
+    assert f"{bridge} bridge" in result.output
     config = json.loads((out / "config.json").read_text())
-    assert config["section_input"] == "mlp" and config["exact_first"]
+    assert config["section_input"] == bridge and config["exact_first"]
     assert config["stag_recipe"]["calibrate"] == [str(corpus)]
     model, _ = load_model(str(out))
     assert not torch.equal(model.section_input.feature_scale, torch.ones_like(model.section_input.feature_scale))
-    assert model.section_input.down.weight.abs().max() == 0  # the MLP starts at zero: the ridge map
+    # the learned part's output starts at zero: converted, the bridge is the fitted ridge map
+    assert getattr(model.section_input, learned_output).weight.abs().max() == 0
     ids = torch.randint(3, VOCAB, (2, 9))
     from transformers import AutoModelForCausalLM
     assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(ids).logits, model(ids).logits)
@@ -84,10 +86,11 @@ def test_too_few_calibration_positions_for_the_features():
         fit_ridge(model, torch.randint(3, VOCAB, (1, 50)))
 
 
-def test_bridge_objective_trains_only_the_bridge_and_lowers_its_error(src, corpus, tmp_path):
+@pytest.mark.parametrize("bridge", ["mlp", "attn"])
+def test_bridge_objective_trains_only_the_bridge_and_lowers_its_error(src, corpus, tmp_path, bridge):
     from stagcli.train import TrainConfig, finetune
     from stagcli.convert import convert
-    convert(str(src), str(tmp_path / "m"), Layout(sections=2, bridge="mlp"), calibrate=[str(corpus)],
+    convert(str(src), str(tmp_path / "m"), Layout(sections=2, bridge=bridge), calibrate=[str(corpus)],
             calibrate_tokens=2000)
     model, tokenizer = load_model(str(tmp_path / "m"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -98,7 +101,7 @@ def test_bridge_objective_trains_only_the_bridge_and_lowers_its_error(src, corpu
     assert "bridge_mse" in rows[1] and rows[-1]["bridge_mse"] < rows[1]["bridge_mse"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("section_input.") for k in changed)
-    assert "section_input.feature_scale" not in changed
+    assert not {"section_input.feature_scale", "section_input.linear.weight"} & changed  # fitted in closed form
 
 
 def test_train_bridge_needs_a_bridge(corpus, tmp_path):
