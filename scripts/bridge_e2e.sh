@@ -2,8 +2,9 @@
 # Issue 13, step 4: the end-to-end fine-tune from a bridged split model against the control, with
 # the fine-tuning budget and data of recipes/smollm2-stag-cpu.yaml (30,720 KJV tokens), then both
 # scored on kjv:heldout and the off-domain pydoc:heldout (scripts/ppl_ratio.py).
-#   scripts/bridge_e2e.sh BRIDGED_MODEL OUT [--hidden] [--tuned]
-# --hidden: also with --hidden-weight 0.1; --tuned: also at lr 5e-5, and at lr 2e-4 with 5 warm-up steps.
+#   scripts/bridge_e2e.sh BRIDGED_MODEL OUT [--hidden] [--tuned] [--lm]
+# --hidden: also with --hidden-weight 0.1; --tuned: also at lr 5e-5, and at lr 2e-4 with 5 warm-up steps;
+# --lm: also without distillation (the LM loss alone, as the control), 5 warm-up steps.
 # BRIDGED_MODEL: a split conversion whose bridge was fitted (stag convert --bridge mlp --calibrate ...)
 # and trained (stag finetune --train bridge ...). About 4 min per fine-tune on a 2-core CPU.
 set -euo pipefail
@@ -21,6 +22,8 @@ for flag in "$@"; do
   case $flag in
     --hidden) variant split2-bridge-hidden --hidden-weight 0.1 ;;
     --tuned) variant split2-bridge-lr5e-5 --lr 5e-5; variant split2-bridge-warmup5 --warmup-steps 5 ;;
+    --lm) [ -f "$out/split2-bridge-lm/config.json" ] || stag finetune "$bridged" "${common[@]}" --warmup-steps 5 \
+            "$out/split2-bridge-lm" ;;
     *) echo "unknown option $flag" >&2; exit 2 ;;
   esac
 done
