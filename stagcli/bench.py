@@ -39,12 +39,10 @@ def _model_bytes(model) -> int:
 HEAVY_OPS = ("mm", "bmm", "addmm", "baddbmm", "linear", "matmul")  # + every scaled-dot-product attention
 
 
-@torch.no_grad()
-def count_decode_ops(model, batch_size: int = 1) -> dict:
-    """Aten ops dispatched by one eager decode step (views excluded): `heavy` = GEMMs and attention
-    calls, `other` = elementwise and copies. A machine-independent cost measure: on a GPU, small
-    models are bound by how many kernels a step launches, and torch.compile fuses the `other` ops
-    but not the heavy ones."""
+def count_ops(step) -> dict:
+    """Aten ops dispatched by step() (views excluded): `heavy` = GEMMs and attention calls, `other` =
+    elementwise and copies. A machine-independent cost measure: on a GPU, small models are bound by
+    how many kernels a step launches, and torch.compile fuses the `other` ops but not the heavy ones."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,15 +57,31 @@ def count_decode_ops(model, batch_size: int = 1) -> dict:
                 self.ops[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
+    counter = Count()
+    with torch.no_grad(), counter:
+        step()
+    heavy = sum(n for op, n in counter.ops.items() if op in HEAVY_OPS or "scaled_dot_product" in op)
+    return {"heavy": heavy, "other": sum(counter.ops.values()) - heavy}
+
+
+@torch.no_grad()
+def count_decode_ops(model, batch_size: int = 1) -> dict:
+    """count_ops of one eager decode step of the engine (the bridge, where there is one, included)."""
     device = model.embed.weight.device
     cache = model.new_cache(batch_size, 4)
     model.prefill(torch.full((batch_size, 2), 3, device=device), cache)
     memory_kv = model.memory_kv_weights()  # built once per engine, not per step: not counted
-    counter = Count()
-    with counter:
-        model.step(torch.full((batch_size,), 3, device=device), cache, memory_kv=memory_kv)
-    heavy = sum(n for op, n in counter.ops.items() if op in HEAVY_OPS or "scaled_dot_product" in op)
-    return {"heavy": heavy, "other": sum(counter.ops.values()) - heavy}
+    return count_ops(lambda: model.step(torch.full((batch_size,), 3, device=device), cache, memory_kv=memory_kv))
+
+
+@torch.no_grad()
+def count_verified_ops(model, batch_size: int = 1) -> dict:
+    """count_ops of one eager greedy verified step: both sections' rows, the bridge and the on-device
+    bookkeeping (the step has no branches, so any request's state gives the same count)."""
+    from .verify import VerifiedEngine, generate_verified
+    engine = VerifiedEngine(model, batch_size, 8, cuda_graph=False)
+    generate_verified(model, torch.full((batch_size, 2), 3, device=engine.device), max_new_tokens=2, engine=engine)
+    return count_ops(engine.greedy_step)
 
 
 def bench_engine(model, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128, repeats: int = 5,
@@ -154,7 +168,8 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
     return {"system": "stag verified", "sections": 2, "shared": False, **_speed(per_token, batch_size, model),
             "acceptance": accepted / drafted if drafted else None,
             "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats),
-            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled}
+            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled,
+            "ops_per_step": count_verified_ops(model, batch_size)}
 
 
 def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,

@@ -84,3 +84,18 @@ def test_decode_op_counts_rank_the_forms():
         "shared2-parallel": dict(sections=2, mode="shared", cross_attn="parallel")}.items()}
     assert heavy["split2-parallel"] < heavy["split2"] < heavy["base"]
     assert heavy["base"] < heavy["shared2-parallel"] < heavy["shared2"]
+
+
+def test_verified_op_counts_include_the_bridge():
+    """One greedy verified step runs half the source's depth (both halves batched per depth index), so
+    fewer GEMM + attention calls than a source step; a learned bridge's own layers show in the count."""
+    from conftest import tiny_hf_model
+    from stagcli.bench import count_decode_ops, count_verified_ops
+    from stagcli.convert import convert_model
+    from stagcli.layout import Layout
+    hf = tiny_hf_model("llama", layers=4)
+    base = count_decode_ops(convert_model(hf, Layout(sections=1)))["heavy"]
+    heavy = {b: count_verified_ops(convert_model(hf, Layout(sections=2, mode="verify", bridge=b)))["heavy"]
+             for b in ("ridge", "mlp", "attn")}
+    assert heavy["ridge"] < heavy["mlp"] < heavy["attn"]
+    assert heavy["ridge"] < base

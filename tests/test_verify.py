@@ -152,6 +152,8 @@ def test_cli_generate_and_bench_a_verified_model(tmp_path, src, corpus):
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     lookup = [r["batch_size"] for r in rows if "prompt lookup" in r["name"]]
     assert lookup == [1]  # transformers' assisted generation takes one row only
+    verified = [r for r in rows if r["system"] == "stag verified"]
+    assert verified and all(r["ops_per_step"]["heavy"] > 0 for r in verified)
 
 
 @pytest.mark.slow
