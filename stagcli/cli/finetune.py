@@ -2,6 +2,7 @@
 The options are TrainConfig's fields (declared once, in train.py)."""
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import typer
@@ -45,6 +46,8 @@ class RichProgress(Callback):
                                f"{info['precision']} on {info['device']}{done}", highlight=False, markup=False)
         self.task = self.bar.add_task("finetune", total=info["total_steps"], completed=info["step"],
                                       loss="-", lr="-", tps="-")
+        self.total_steps, self.first_step = info["total_steps"], info["step"]
+        self.max_seconds = 60 * info["max_minutes"] if info.get("max_minutes") else None
 
     def on_eval_start(self, batches):
         self.eval_task = self.bar.add_task("held-out eval", total=batches, loss="", lr="", tps="")
@@ -60,8 +63,12 @@ class RichProgress(Callback):
                                f"perplexity {row['heldout_ppl']:.2f}", highlight=False)
 
     def on_step(self, row):
-        self.bar.update(self.task, completed=row["step"], loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                        tps=f"{row['tokens_per_s']:,.0f}")
+        total = self.total_steps
+        if self.max_seconds and row["step"] > self.first_step:  # --max-minutes ends it first: ETA from the clock
+            per_step = row["elapsed_s"] / (row["step"] - self.first_step)
+            total = min(total, row["step"] + math.ceil(max(self.max_seconds - row["elapsed_s"], 0) / per_step))
+        self.bar.update(self.task, total=total, completed=row["step"], loss=f"{row['loss']:.4f}",
+                        lr=f"{row['lr']:.2e}", tps=f"{row['tokens_per_s']:,.0f}")
 
     def on_finish(self, summary):
         self.stop()
