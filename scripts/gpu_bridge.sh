@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 13 on a lent GPU: the attention bridge trained at GPU speed, then what it buys. Run after
 # scripts/gpu_pack.sh's three parts were copied to /tmp/carry (the third carries the training mix):
-#   scripts/gpu_bridge.sh                       # every step, ~9 minutes on an H100
+#   scripts/gpu_bridge.sh                       # every step; about 9 minutes on an H100 (estimated, not yet run)
 #   STEPS="ppl accept" scripts/gpu_bridge.sh    # some steps (a later call, while the machine is warm)
 # Steps, in order of priority, each on its own (one failing does not stop the next):
 #   convert  split p=2 + attention bridge, its linear map fitted on KJV + the source's own samples
