@@ -183,8 +183,7 @@ def greedy_step(model, cache, pad, max_len: int, s: VerifyState):
     """One greedy verified step, device-only (no host sync, no data-dependent python), so that it
     can be compiled and captured: verify the draft z against the exact argmax, emit, and advance
     (accepted or known) or run position t again with the right token (rejected)."""
-    logits, u_rows = verify_forward(model, cache, pad, max_len, torch.stack([s.prev, s.z], 1),
-                                    torch.stack([s.pos - 1, s.pos], 1), s.u_prev)
+    logits, u_rows = _forward(model, cache, pad, max_len, s)
     right = logits[:, 0].argmax(-1)
     _advance(s, s.z_draft & (s.z == right), right, logits[:, 1].argmax(-1), u_rows)
 
@@ -193,8 +192,7 @@ def sampled_step(model, cache, pad, max_len: int, s: VerifyState, sampling: Samp
     """One sampled verified step, device-only like greedy_step: speculative sampling's rule keeps the
     source's distribution exactly (accept the draft z ~ q with probability min(1, p(z)/q(z)), else
     draw from norm(max(0, p - q)))."""
-    logits, u_rows = verify_forward(model, cache, pad, max_len, torch.stack([s.prev, s.z], 1),
-                                    torch.stack([s.pos - 1, s.pos], 1), s.u_prev)
+    logits, u_rows = _forward(model, cache, pad, max_len, s)
     p, z = probabilities(logits[:, 0], sampling), s.z[:, None]
     ratio = p.gather(1, z)[:, 0] / s.q.gather(1, z)[:, 0].clamp(min=1e-30)
     accept = s.z_draft & (torch.rand(len(z), generator=gen, device=z.device) < ratio)
@@ -203,6 +201,12 @@ def sampled_step(model, cache, pad, max_len: int, s: VerifyState, sampling: Samp
     right = draw(torch.where(mass > 0, residual / mass.clamp(min=1e-30), p), gen)
     s.q.copy_(probabilities(logits[:, 1], sampling))
     _advance(s, accept, right, draw(s.q, gen), u_rows)
+
+
+def _forward(model, cache, pad, max_len: int, s: VerifyState):
+    """verify_forward on the state's two rows: the exact one (t-1, prev) and the draft one (t, z)."""
+    return verify_forward(model, cache, pad, max_len, torch.stack([s.prev, s.z], 1),
+                          torch.stack([s.pos - 1, s.pos], 1), s.u_prev)
 
 
 def _advance(s: VerifyState, accept, right, next_draft, u_rows):
