@@ -11,19 +11,18 @@ set -euo pipefail
 bridged=$1; out=$2; shift 2
 common=(--data kjv:train --heldout kjv:heldout --seq-len 256 --batch-size 4 --grad-accum 2 --lr 2e-4
         --max-tokens 30720 --eval-every 3 --eval-sequences 16 --save-every 1000 --compile)
-[ -f "$out/control/config.json" ] || stag finetune smollm2-135m "${common[@]}" "$out/control"
-variant() {  # NAME, extra options (a later option overrides the same one in $common)
-  local name=$1; shift
-  [ -f "$out/$name/config.json" ] || stag finetune "$bridged" "${common[@]}" \
-      --distill-from smollm2-135m --distill-alpha 0.5 "$@" "$out/$name"
+once() {  # NAME MODEL, extra options (a later option overrides the same one in $common); skipped if done
+  local name=$1 model=$2; shift 2
+  [ -f "$out/$name/config.json" ] || stag finetune "$model" "${common[@]}" "$@" "$out/$name"
 }
+variant() { local name=$1; shift; once "$name" "$bridged" --distill-from smollm2-135m --distill-alpha 0.5 "$@"; }
+once control smollm2-135m
 variant split2-bridge
 for flag in "$@"; do
   case $flag in
     --hidden) variant split2-bridge-hidden --hidden-weight 0.1 ;;
     --tuned) variant split2-bridge-lr5e-5 --lr 5e-5; variant split2-bridge-warmup5 --warmup-steps 5 ;;
-    --lm) [ -f "$out/split2-bridge-lm/config.json" ] || stag finetune "$bridged" "${common[@]}" --warmup-steps 5 \
-            "$out/split2-bridge-lm" ;;
+    --lm) once split2-bridge-lm "$bridged" --warmup-steps 5 ;;
     *) echo "unknown option $flag" >&2; exit 2 ;;
   esac
 done

