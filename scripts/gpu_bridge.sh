@@ -7,7 +7,8 @@
 #   convert  split p=2 + attention bridge, its linear map fitted on KJV + the source's own samples
 #   bridge   the bridge alone trained by distillation through the frozen model, KJV / self / Linux docs
 #            in equal shares, bf16, for $BRIDGE_MINUTES minutes (default 3)
-#   ppl      perplexity ratios to the source on kjv, pydoc and fortunes held-out text (ppl_ratio.py)
+#   ppl      perplexity ratios to the source on kjv, pydoc and fortunes held-out text (ppl_ratio.py), of the
+#            split model and of the exact-cache form with the same bridge
 #   accept   verified staggering with that bridge: acceptance, output identical to the source's
 #   e2e      the control and the bridged split model, each fine-tuned on $E2E_TOKENS KJV tokens
 #            (default 524,288) with the same settings, then ppl ratios of both
@@ -41,7 +42,10 @@ if run bridge; then
   keep $bridged $gpu-attn-bridge
 fi
 if run ppl; then
-  timeout 120 python3 scripts/ppl_ratio.py --sequences $N --results "$R/ppl.json" attn-bridge-gpu=$bridged
+  timeout 150 python3 -m stagcli convert smollm2-135m $W/exact-cache --mode exact-cache --bridge attn \
+      --bridge-from $bridged --force
+  timeout 150 python3 scripts/ppl_ratio.py --sequences $N --results "$R/ppl.json" attn-bridge-gpu=$bridged \
+      exact-cache-attn-bridge-gpu=$W/exact-cache
 fi
 if run accept; then
   timeout 150 python3 -m stagcli convert smollm2-135m $W/verify --mode verify --bridge attn --bridge-from $bridged \

@@ -149,7 +149,8 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
                    warmup: int = 1, device: str | None = None, dtype: str = "float32", compile: bool = False,
                    prompt=None) -> dict:
     """Verified staggering (stagcli/verify.py), greedy, through one reused engine (on CUDA: one
-    captured graph): ms/token, acceptance and tokens per step."""
+    captured graph): ms/token, acceptance and tokens per step. An exact-cache model runs the same
+    engine and accepts every draft (acceptance 1, one token per step)."""
     from .convert import DTYPES
     from .verify import VerifiedEngine, generate_verified
     dev = resolve_device(device)
@@ -165,7 +166,8 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
     per_token = _per_token_ms(run, new_tokens, repeats, warmup, dev)
     stats = stats[warmup:]
     drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
-    return {"system": "stag verified", "sections": 2, "shared": False, **_speed(per_token, batch_size, model),
+    system = "stag exact-cache" if model.config.exact_cache else "stag verified"
+    return {"system": system, "sections": 2, "shared": False, **_speed(per_token, batch_size, model),
             "acceptance": accepted / drafted if drafted else None,
             "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats),
             "cuda_graph": engine.cuda_graph, "compiled": engine.compiled,

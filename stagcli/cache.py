@@ -24,6 +24,7 @@ class Place:
     length: int              # positions are < length (sizes the RoPE table)
     valid: torch.Tensor | None = None  # [B, T] real (not padding) tokens, prefill only
     rope: tuple | None = None          # (cos, sin) once computed for these positions
+    self_mask: torch.Tensor | None = None  # [B, 1, T, K]: replaces the causal self mask (exact-cache rows)
 
 
 class StagCache:

@@ -181,3 +181,18 @@ def attention_masks(key_valid, q_slots, window, sliding_window=None):
     has_memory = cross.any(-1, keepdim=True)
     cross = cross | ~has_memory  # an empty row would give NaN; its output is zeroed instead
     return self_mask[:, None], cross[:, None], has_memory[:, None]
+
+
+def exact_cache_mask(valid, sliding_window=None):
+    """Self mask [B, 1, 2T, 2T] of an exact-cache section over [exact rows; draft rows] of T positions
+    each: exact row i reads exact rows j <= i (the source's causal attention); draft row i reads exact
+    rows j < i and itself, as its decode step does (the cache holds exact states before i)."""
+    T = valid.shape[1]
+    j = torch.arange(T, device=valid.device)
+    before = j[None, :] < j[:, None]
+    if sliding_window:
+        before = before & (j[None, :] > j[:, None] - sliding_window)
+    own = torch.eye(T, dtype=torch.bool, device=valid.device)
+    mask = torch.cat([torch.cat([before | own, torch.zeros_like(own)], 1), torch.cat([before, own], 1)], 0)
+    keys = torch.cat([valid, valid], 1)[:, None, :]  # [B, 1, 2T]
+    return ((mask[None] & keys) | torch.eye(2 * T, dtype=torch.bool, device=valid.device))[:, None]

@@ -13,7 +13,8 @@ from .errors import StagError
 from .options import check_choices, from_dict, option
 from .section_input import BRIDGES, INITS
 
-MODES = ("split", "shared", "verify")
+MODES = ("split", "shared", "verify", "exact-cache")
+VERIFY_LAYOUTS = ("verify", "exact-cache")  # the source split in two halves, a bridge drafting
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,10 @@ class Layout:
                                 "weights); with zero cross-attention it reproduces the source exactly. verify: "
                                 "the source itself, split in two sections that decode at the same time and check "
                                 "each other: the source's exact output, faster by how often the --bridge's draft "
-                                "is right (stag generate / bench; docs/performance.md).",
+                                "is right (stag generate / bench; docs/performance.md). exact-cache: the verify layout, its "
+                                "drafts emitted unverified: section 2 still rewrites each position with its exact input "
+                                "one step later, so only the current position is predicted (better than split, one "
+                                "extra row in section 2 per step; docs/bridge.md).",
                        choices=MODES)
     window: Optional[int] = option(None, "Bounded cross-attention: a section sees only the previous W "
                                          "outputs of the section below (default: all).")
@@ -37,8 +41,8 @@ class Layout:
                                          "boundary) from what it may see: ridge, a linear map fitted in closed form "
                                          "on --calibrate text; mlp, the same plus an MLP over the current and previous position; attn, the "
                                          "same plus one decoder layer attending over earlier positions (the strongest). "
-                                         "Train mlp and attn with stag finetune --train bridge (docs/bridge.md). Split "
-                                         "and verify modes.", choices=BRIDGES)
+                                         "Train mlp and attn with stag finetune --train bridge (docs/bridge.md). Split, "
+                                         "verify and exact-cache modes.", choices=BRIDGES)
     cross_attn: str = option("sequential", "Where cross-attention sits in a layer. sequential: the paper's "
                                            "extra sublayer after self-attention (own norm, query and output "
                                            "projections). parallel: it reads the same norm(x) as self-attention, "
@@ -60,11 +64,11 @@ class Layout:
         """The layout, or a StagError naming the option that cannot work with this model."""
         if self.sections < 1:
             raise StagError(f"--sections must be >= 1, not {self.sections}")
-        if self.mode == "verify":
+        if self.mode in VERIFY_LAYOUTS:
             if self.sections != 2 or not self.bridge or self.window is not None:
-                raise StagError("--mode verify takes --sections 2 and a --bridge (ridge, mlp or attn), no --window")
+                raise StagError(f"--mode {self.mode} takes --sections 2 and a --bridge (ridge, mlp or attn), no --window")
             if num_layers % 2:
-                raise StagError(f"--mode verify splits the model's {num_layers} layers in two halves: needs an even count")
+                raise StagError(f"--mode {self.mode} splits the model's {num_layers} layers in two halves: needs an even count")
         if self.mode == "split" and num_layers % self.sections:
             raise StagError(f"--sections {self.sections} does not divide the model's {num_layers} layers")
         if self.window is not None and self.window < 1:
@@ -80,10 +84,11 @@ class Layout:
 
     def config_fields(self) -> dict:
         """The StagConfig fields that carry this layout."""
-        verified = self.mode == "verify"
+        verified = self.mode in VERIFY_LAYOUTS
         return dict(sections=self.sections, shared=self.shared, window=self.window,
                     section_input=self.bridge or self.init, cross_attn="none" if verified else self.cross_attn,
-                    exact_first=self.mode != "shared" and self.sections > 1, verified=verified)
+                    exact_first=self.mode != "shared" and self.sections > 1, verified=verified,
+                    exact_cache=self.mode == "exact-cache")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .cache import Place, StagCache
 from .cross_attention import FORMS
 from .layers import (ROPE_SCALINGS, RopeTable, StackedLinear, StackedNorm, apply_rope, attend, few_row_logits,  # noqa: F401
-                     attention_masks, merge_heads, split_heads)
+                     attention_masks, exact_cache_mask, merge_heads, split_heads)
 from .section_input import INPUTS, Rows
 
 
@@ -39,7 +39,8 @@ class StagConfig(PretrainedConfig):
                  qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None,
                  tie_embeddings=True,
                  sections=1, shared=False, window=None, section_input="zero", cross_attn="sequential",
-                 exact_first=False, bridge_hidden=2048, verified=False, stag_recipe=None, **kwargs):
+                 exact_first=False, bridge_hidden=2048, verified=False, exact_cache=False, stag_recipe=None,
+                 **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads or num_heads
@@ -64,6 +65,10 @@ class StagConfig(PretrainedConfig):
         # verified staggering (stagcli/verify.py): the source split in two; the full forward is the
         # source itself (section 2 reads section 1's output at the same position), the bridge drafts
         self.verified = verified
+        # exact-cache staggering: the verify layout, the bridge's drafts emitted unverified; section 2
+        # still rewrites each position with its exact input one step later, so its cache holds the
+        # source's states before i and only row i itself is a draft (the forward scores those rows)
+        self.exact_cache = exact_cache
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
         kwargs.setdefault("tie_word_embeddings", False)  # we tie by reusing embed.weight, not HF's tying
         super().__init__(**kwargs)
@@ -99,6 +104,8 @@ class Run:
         self.first_cross = c0 - s0 if s1 > c0 and cfg.cross_sets else None  # first row with memory
         self.self_mask, self.cross_mask, self.has_memory = attention_masks(
             place.key_valid, place.slots, cfg.window, cfg.sliding_window)
+        if place.self_mask is not None:
+            self.self_mask = place.self_mask
         self.cache, self.slots, self.memory, self.rope = cache, place.slots, memory, rope
         self.dtype = model.embed.weight.dtype
         self._memo = {}
@@ -325,6 +332,28 @@ class StagForCausalLM(PreTrainedModel):
             outputs.append(x)
         return outputs
 
+    def exact_cache_hidden(self, input_ids, attention_mask=None):
+        """An exact-cache model's output [B, T, d]: section 2's draft row at every position i > 0 (the
+        bridge's input, attending to exact rows j < i and itself); position 0 reads u_0 (exact_first).
+        Section 2 runs 2T rows, [exact; draft], in one pass with exact_cache_mask."""
+        place = self.place(input_ids, attention_mask)
+        emb = self.embed_tokens(input_ids, place.positions)
+        below = self.run_blocks(emb[None], slice(0, 1), place, cross=False)[0]
+        shift = lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], 1)
+        prev_ok = shift(place.valid)
+        draft = self.section_inputs(emb, shift(emb), shift(below)[None], prev_ok, slice(1, 2), place)[0]
+        return self.exact_cache_rows(below, draft, place)
+
+    def exact_cache_rows(self, below, draft, place: Place):
+        """Section 2's draft rows [B, T, d] from section 1's exact outputs below and the predicted
+        inputs draft [B, T, d] (position 0 reads below: exact_first)."""
+        draft = torch.where(((place.positions == 0) & place.valid)[..., None], below, draft)
+        T = below.shape[1]
+        both = Place(torch.arange(2 * T, device=below.device), place.positions.repeat(1, 2), place.valid.repeat(1, 2),
+                     place.prev_valid, T, place.valid.repeat(1, 2),
+                     self_mask=exact_cache_mask(place.valid, self.config.sliding_window))
+        return self.run_blocks(torch.cat([below, draft], 1)[None], slice(1, 2), both, cross=False)[0][:, T:]
+
     def bridge_errors(self, input_ids, attention_mask=None):
         """Per section boundary, how far the section input (a bridge) is from what the source's lower
         layers give at the same position: mean squared error over the mean square of the target, on
@@ -350,7 +379,7 @@ class StagForCausalLM(PreTrainedModel):
         model's own forward so that data-parallel training syncs it)."""
         if bridge_errors:
             return CausalLMOutputWithPast(loss=self.bridge_errors(input_ids, attention_mask))
-        hidden = self.run_sections(input_ids, attention_mask)
+        hidden = (self.exact_cache_hidden if self.config.exact_cache else self.run_sections)(input_ids, attention_mask)
         normed = self.final_hidden(hidden)
         logits = F.linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.head_weight)
         loss = None

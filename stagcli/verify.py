@@ -15,6 +15,10 @@ token: the cache slots of positions t-1 and t are overwritten in place (each row
 so section 2's cache always holds the source's exact states for positions < t. A token costs one
 step when its draft was right and two when it was wrong: 2 - a steps per token at acceptance a,
 each step as deep as one section (L/2 layers). The output is the source's, whatever the bridge.
+
+An exact-cache model (--mode exact-cache, config.exact_cache) runs the same steps and accepts every
+draft: one token per step, section 2's cache still exact before t (its exact row rewrites t-1), the
+output the model's own (StagForCausalLM.exact_cache_hidden is its full-sequence form), not the source's.
 """
 from __future__ import annotations
 
@@ -185,7 +189,8 @@ def greedy_step(model, cache, pad, max_len: int, s: VerifyState):
     (accepted or known) or run position t again with the right token (rejected)."""
     logits, u_rows = _forward(model, cache, pad, max_len, s)
     right = logits[:, 0].argmax(-1)
-    _advance(s, s.z_draft & (s.z == right), right, logits[:, 1].argmax(-1), u_rows)
+    accept = s.z_draft if model.config.exact_cache else s.z_draft & (s.z == right)
+    _advance(s, accept, right, logits[:, 1].argmax(-1), u_rows)
 
 
 def sampled_step(model, cache, pad, max_len: int, s: VerifyState, sampling: Sampling, gen=None):
@@ -196,6 +201,8 @@ def sampled_step(model, cache, pad, max_len: int, s: VerifyState, sampling: Samp
     p, z = probabilities(logits[:, 0], sampling), s.z[:, None]
     ratio = p.gather(1, z)[:, 0] / s.q.gather(1, z)[:, 0].clamp(min=1e-30)
     accept = s.z_draft & (torch.rand(len(z), generator=gen, device=z.device) < ratio)
+    if model.config.exact_cache:
+        accept = s.z_draft
     residual = (p - s.q).clamp(min=0)  # where nothing was drafted (z known) `right` is never emitted
     mass = residual.sum(-1, keepdim=True)
     right = draw(torch.where(mass > 0, residual / mass.clamp(min=1e-30), p), gen)

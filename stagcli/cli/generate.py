@@ -94,7 +94,9 @@ def generate(
         loaded = loaded.to(target)
         out = run_generate(loaded, ids, mask, max_new_tokens, recurrent=recurrent, on_token=on_token,
                            on_stats=verified.append, compile=compile, **sampling)
-        if verified:
+        if verified and loaded.config.exact_cache:
+            verify_note = " | exact-cache: drafts emitted unverified"
+        elif verified:
             verify_note = (f" | verified: acceptance {verified[0].acceptance:.2f}, "
                            f"{verified[0].tokens_per_step:.2f} tokens/step")
     elapsed = time.perf_counter() - start
