@@ -87,7 +87,7 @@ class DecodeEngine:
                  compile: bool = False, recurrent: bool = False):
         cfg = model.config
         if getattr(cfg, "verified", False):
-            raise StagError("a --mode verify model decodes with stagcli.verify (generate() picks it)")
+            raise StagError("a --mode verify or exact-cache model decodes with stagcli.verify (generate() picks it)")
         if recurrent and not (cfg.shared and cfg.sections > 1):
             raise StagError("--recurrent needs a shared-weights model with >= 2 sections "
                             f"(this one: {cfg.sections} section(s), {'shared' if cfg.shared else 'separate'} weights)")

@@ -29,9 +29,9 @@ def bench(
     prompt_data: Optional[str] = typer.Option(None, "--prompt-data", help="Take the prompts from this text "
                                               "(kjv:heldout, pydoc:heldout, files) instead of random tokens: needed "
                                               "for a meaningful acceptance rate of a --mode verify model."),
-    prompt_lookup: int = typer.Option(10, "--prompt-lookup", help="For --mode verify models, also time transformers' "
-                                      "lossless prompt-lookup decoding with this many candidate tokens, at batch size 1 (transformers "
-                                      "supports no other; 0: skip)."),
+    prompt_lookup: int = typer.Option(10, "--prompt-lookup", help="For --mode verify and exact-cache models, also "
+                                      "time transformers' lossless prompt-lookup decoding with this many candidate "
+                                      "tokens, at batch size 1 (transformers supports no other; 0: skip)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write all measurements as JSON here."),
 ):
     """Decode latency per token and tokens/s: staggered model vs the same engine on the unconverted
