@@ -339,10 +339,15 @@ class StagForCausalLM(PreTrainedModel):
         place = self.place(input_ids, attention_mask)
         emb = self.embed_tokens(input_ids, place.positions)
         below = self.run_blocks(emb[None], slice(0, 1), place, cross=False)[0]
-        shift = lambda t: torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], 1)
-        prev_ok = shift(place.valid)
-        draft = self.section_inputs(emb, shift(emb), shift(below)[None], prev_ok, slice(1, 2), place)[0]
-        return self.exact_cache_rows(below, draft, place)
+        return self.exact_cache_rows(below, self.teacher_forced_inputs(emb, below[None], place)[0][0], place)
+
+    def teacher_forced_inputs(self, emb, exact, place: Place):
+        """Every section s > 0's input at every position when the sections below gave their exact
+        outputs exact [C, B, T, d]: the bridges read E[x_{i-1}] and u_{i-1} one position late.
+        Returns (inputs [C, B, T, d], prev_ok [B, T]: whether position i-1 exists)."""
+        shift = lambda t: torch.cat([torch.zeros_like(t[..., :1, :]), t[..., :-1, :]], -2)
+        prev_ok = torch.cat([torch.zeros_like(place.valid[:, :1]), place.valid[:, :-1]], 1)
+        return self.section_inputs(emb, shift(emb), shift(exact), prev_ok, slice(1, self.config.sections), place), prev_ok
 
     def exact_cache_rows(self, below, draft, place: Place):
         """Section 2's draft rows [B, T, d] from section 1's exact outputs below and the predicted
@@ -363,11 +368,8 @@ class StagForCausalLM(PreTrainedModel):
         with torch.no_grad():
             emb = self.embed_tokens(input_ids, place.positions)
             targets = torch.stack(self.exact_outputs(input_ids, attention_mask, upto=self.config.sections - 1))
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        shift = lambda t: torch.cat([torch.zeros_like(t[..., :1, :]), t[..., :-1, :]], -2)
-        prev_ok = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], 1)
-        pred = self.section_inputs(emb, shift(emb), shift(targets), prev_ok, slice(1, self.config.sections), place)
-        keep = (prev_ok & valid)[None, ..., None].to(pred.dtype)
+        pred, prev_ok = self.teacher_forced_inputs(emb, targets, place)
+        keep = (prev_ok & place.valid)[None, ..., None].to(pred.dtype)
         err = ((pred.float() - targets.float()) ** 2 * keep).sum((1, 2, 3))
         return err / ((targets.float() ** 2) * keep).sum((1, 2, 3)).clamp(min=1e-12)
 
