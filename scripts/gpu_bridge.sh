@@ -10,6 +10,8 @@
 #   ppl      perplexity ratios to the source on kjv, pydoc and fortunes held-out text (ppl_ratio.py), of the
 #            split model and of the exact-cache form with the same bridge
 #   accept   verified staggering with that bridge: acceptance, output identical to the source's
+#   depth    exact-cache with --bridge-depth 4 (the bridge reads section 1's state after 4 layers): fitted,
+#            trained through that form as in `bridge`, ppl ratios; verify shape check at that depth
 #   e2e      the control and the bridged split model, each fine-tuned on $E2E_TOKENS KJV tokens
 #            (default 524,288) with the same settings, then ppl ratios of both
 # Results (JSON, metrics.jsonl) go to $OUT, or docs/results/bridge/gpu. SMALL=1 shrinks every budget,
@@ -18,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=docs/results/bridge/gpu
 source scripts/gpu_setup.sh
-STEPS="${STEPS:-convert bridge ppl accept e2e}"
+STEPS="${STEPS:-convert bridge ppl accept depth e2e}"
 SELF=$(ls "$cache"/corpora/selftext-131072.jsonl "$cache"/selftext/*-131072.jsonl 2>/dev/null | head -1)
 if [ -n "${SMALL:-}" ]; then  # a dry run: tiny budgets everywhere
   CAL=4096 MIN=0.3 E2E=2048 N=2 SEQ=64 BATCH=2 EVERY=2 COMPILE=--no-compile
@@ -33,12 +35,15 @@ if run convert; then
   timeout 120 python3 -m stagcli convert smollm2-135m $W/p2-attn --sections 2 --bridge attn --calibrate kjv:train \
       --calibrate "$SELF" --calibrate-tokens $CAL --force
 fi
-if run bridge; then
-  timeout $(python3 -c "print(int($MIN * 60 + 120))") python3 -m stagcli finetune $W/p2-attn $bridged \
+train_bridge() {  # SRC OUT: the bridge alone, by distillation through the frozen model
+  timeout $(python3 -c "print(int($MIN * 60 + 120))") python3 -m stagcli finetune "$1" "$2" \
       --train bridge --distill-from smollm2-135m --distill-alpha 1 --balance-data --data kjv:train \
       --data "$SELF" --data linuxdoc:train --heldout kjv:heldout --seq-len $SEQ --batch-size $BATCH \
       --lr 3e-4 --warmup-steps 20 --max-tokens 100000000 --max-minutes $MIN --eval-every $((EVERY * 5)) \
       --eval-sequences 16 --save-every 100000 --precision auto $COMPILE --force 2>&1 | tail -12
+}
+if run bridge; then
+  train_bridge $W/p2-attn $bridged
   keep $bridged $gpu-attn-bridge
 fi
 if run ppl; then
@@ -51,6 +56,15 @@ if run accept; then
   timeout 150 python3 -m stagcli convert smollm2-135m $W/verify --mode verify --bridge attn --bridge-from $bridged \
       --force && timeout 150 python3 scripts/verify_acceptance.py --prompts $N --results "$R/acceptance.json" \
       attn-bridge-gpu=$W/verify
+fi
+if run depth; then
+  timeout 150 python3 -m stagcli convert smollm2-135m $W/ec-d4 --mode exact-cache --bridge attn --bridge-depth 4 \
+      --calibrate kjv:train --calibrate "$SELF" --calibrate-tokens $CAL --force
+  train_bridge $W/ec-d4 $W/ec-d4-bridge
+  keep $W/ec-d4-bridge $gpu-exact-cache-depth4-bridge
+  timeout 150 python3 scripts/ppl_ratio.py --sequences $N --results "$R/ppl.json" exact-cache-depth4-ridge-gpu=$W/ec-d4 \
+      exact-cache-depth4-attn-gpu=$W/ec-d4-bridge
+  timeout 150 python3 scripts/gpu_verify_shape.py --bridge-depth 4 --out "$R/verify-shape-depth4.json"
 fi
 if run e2e; then
   common=(--data kjv:train --heldout kjv:heldout --seq-len $SEQ --batch-size $BATCH --lr 2e-4 --warmup-steps 10

@@ -3,7 +3,7 @@ with --mode verify and a ridge bridge fitted on random tokens; its tokens (CUDA 
 without compile) against the same engine's greedy decoding of the plain conversion, fp32 and bf16.
 Needs no tokenizer or weights, so it runs in one bare GPU call.
 
-    python scripts/gpu_verify_shape.py --out check.json [--layers N]
+    python scripts/gpu_verify_shape.py --out check.json [--layers N] [--bridge-depth K]
 """
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ def main():
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--bridge-depth", type=int, default=0, help="the bridge reads section 1's state after K layers")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hf = source_model(args.shape, args.layers)
     vocab = hf.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    verify = convert_model(hf, Layout(sections=2, mode="verify", bridge="ridge")).to(dev)
+    verify = convert_model(hf, Layout(sections=2, mode="verify", bridge="ridge", bridge_depth=args.bridge_depth)).to(dev)
     fit_ridge(verify, torch.randint(3, vocab, (32, 128), generator=gen).to(dev), lam=1e-3)
     source = convert_model(hf)
     prompt = torch.randint(3, vocab, (args.batch, 32), generator=gen).to(dev)
@@ -56,7 +57,7 @@ def main():
             rows.append(row)
             print(row, flush=True)
     Path(args.out).write_text(json.dumps({"machine": machine(dev), "command": " ".join(sys.argv), "shape": args.shape,
-                                          "layers": args.layers, "rows": rows}, indent=1))
+                                          "layers": args.layers, "bridge_depth": args.bridge_depth, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

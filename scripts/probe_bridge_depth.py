@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ppl_ratio import HELDOUT, save_results
-from stagcli.bridge import RIDGE_LAMBDA, calibration_ids
+from stagcli.bridge import calibration_ids, solve_ridge
 from stagcli.convert import convert_model, load_hf_model
 from stagcli.data import load_packed
 from stagcli.devices import machine
@@ -64,7 +64,8 @@ def main():
     calibrate = args.calibrate or ["kjv:train", "self:131072"]
     if any(c.startswith("self") for c in calibrate):
         from stagcli.bridge import self_text
-        calibrate = [self_text(model, tokenizer, c) if c.startswith("self") else c for c in calibrate]
+        source = convert_model(hf, Layout(sections=1))  # the source's own samples
+        calibrate = [self_text(source, tokenizer, c) if c.startswith("self") else c for c in calibrate]
     ids = calibration_ids(calibrate, tokenizer, args.calibrate_tokens)
     n_feat = 3 * hf.config.hidden_size + 1
     xtx = {k: torch.zeros(n_feat, n_feat, dtype=torch.float64) for k in depths}
@@ -79,11 +80,9 @@ def main():
         print(f"calibration {min(start + 8, len(ids))}/{len(ids)}", end="\r", file=sys.stderr, flush=True)
     rows = len(ids) * (ids.shape[1] - 1)
     weights = {}
-    for k in depths:  # standardised ridge, as stagcli.bridge.fit_ridge
-        scale = torch.cat([(xtx[k].diagonal()[:-1] / rows).sqrt().clamp(min=1e-6), torch.ones(1, dtype=torch.float64)])
-        a = xtx[k] / scale[:, None] / scale[None, :]
-        a += RIDGE_LAMBDA * rows * torch.diag(torch.cat([torch.ones(n_feat - 1), torch.zeros(1)]).double())
-        weights[k] = torch.linalg.solve(a, xty[k] / scale[:, None]) / scale[:, None]
+    for k in depths:  # standardised ridge, as stagcli.bridge.fit_ridge; W here applies to the raw features
+        scale, w = solve_ridge(xtx[k], xty[k], rows)
+        weights[k] = w / torch.cat([scale, torch.ones(1, dtype=scale.dtype)])[:, None]
     record = {"machine": machine(torch.device("cpu")), "source": args.source, "split_at": h, "calibrate": calibrate,
               "calibrate_tokens": args.calibrate_tokens, "sequences": args.sequences, "seq_len": args.seq_len,
               "command": "python scripts/probe_bridge_depth.py " + " ".join(sys.argv[1:]), "source_ppl": {},

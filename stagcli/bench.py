@@ -170,7 +170,7 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
     return {"system": system, "sections": 2, "shared": False, **_speed(per_token, batch_size, model),
             "acceptance": accepted / drafted if drafted else None,
             "tokens_per_step": statistics.mean(s.tokens_per_step for s in stats),
-            "cuda_graph": engine.cuda_graph, "compiled": engine.compiled,
+            "bridge_depth": model.config.bridge_depth, "cuda_graph": engine.cuda_graph, "compiled": engine.compiled,
             "ops_per_step": count_verified_ops(model, batch_size)}
 
 

@@ -2,7 +2,8 @@
 
 A bridge (section_input.Ridge / MLP) predicts section s's missing input, the source's residual
 stream after the layers below, from what section s may read at position i: f = [E[x_i]; u_{i-1};
-E[x_{i-1}]]. Its linear part is fitted here as a ridge regression on the source's own activations
+E[x_{i-1}]] (E[x] replaced by section 1's state after bridge_depth layers where that is set). Its
+linear part is fitted here as a ridge regression on the source's own activations
 over calibration text: the features are standardised (each divided by its RMS, kept as
 `feature_scale`), and W = (X^T X + lambda n I)^-1 X^T Y with a bias column. The targets come
 from the converted model itself (model.exact_outputs: its sections still hold the source's layers),
@@ -10,6 +11,7 @@ so no second copy of the source is needed. Training the MLP part: stag finetune 
 """
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -55,8 +57,7 @@ def fit_ridge(model, ids: torch.Tensor, batch_size: int = 8, progress=None, lam:
     for done, start in enumerate(batches):
         report(done, len(batches))
         chunk = ids[start:start + batch_size].to(model.embed.weight.device)
-        emb = model.embed_tokens(chunk, model.place(chunk).positions)
-        targets = model.exact_outputs(chunk, upto=C)
+        emb, targets = model.exact_states(chunk, upto=C)  # emb: what the bridge reads of each token
         for c, u in enumerate(targets):
             x = torch.cat([emb[:, 1:], u[:, :-1], emb[:, :-1], torch.ones_like(emb[:, 1:, :1])], -1)
             x, y = x.flatten(0, 1).double().cpu(), u[:, 1:].flatten(0, 1).double().cpu()
@@ -64,16 +65,23 @@ def fit_ridge(model, ids: torch.Tensor, batch_size: int = 8, progress=None, lam:
             xty[c] += x.T @ y
     report(len(batches), len(batches))
     for c in range(C):
-        scale = (xtx[c].diagonal()[:features] / n_rows).sqrt().clamp(min=1e-6)
-        inv = torch.cat([1 / scale, torch.ones(1, dtype=torch.float64)])
-        a = inv[:, None] * xtx[c] * inv[None, :]  # the standardised X^T X (bias column unscaled)
-        a += lam * n_rows * torch.diag(torch.cat([torch.ones(features, dtype=torch.float64),
-                                                  torch.zeros(1, dtype=torch.float64)]))
-        w = torch.linalg.solve(a, inv[:, None] * xty[c])  # [features + 1, d]
+        scale, w = solve_ridge(xtx[c], xty[c], n_rows, lam)
         bridge.feature_scale[c].copy_(scale.float())
         bridge.linear.weight.data[c].copy_(w[:features].T.float())
         bridge.linear.bias.data[c].copy_(w[features].float())
     return model
+
+
+def solve_ridge(xtx, xty, n_rows: int, lam: float = RIDGE_LAMBDA):
+    """The ridge map from accumulated moments X^T X [F + 1, F + 1] and X^T Y [F + 1, d] over n_rows rows
+    (X's last column: ones, the bias). Each feature is standardised by its RMS, so one lambda fits
+    features of any scale; the bias is not penalised. Returns (scale [F], W [F + 1, d]): y = [f / scale; 1] W."""
+    features = xtx.shape[0] - 1
+    scale = (xtx.diagonal()[:features] / n_rows).sqrt().clamp(min=1e-6)
+    inv = torch.cat([1 / scale, torch.ones(1, dtype=xtx.dtype)])
+    a = inv[:, None] * xtx * inv[None, :]  # the standardised X^T X (bias column unscaled)
+    a += lam * n_rows * torch.diag(torch.cat([torch.ones(features, dtype=xtx.dtype), torch.zeros(1, dtype=xtx.dtype)]))
+    return scale, torch.linalg.solve(a, inv[:, None] * xty)
 
 
 # --- the source's own text: domain-general calibration and training data ----------------------------
@@ -84,19 +92,30 @@ def is_self_spec(spec: str) -> bool:
     return spec == SELF_PREFIX or spec.startswith(SELF_PREFIX + ":")
 
 
+def source_fingerprint(model) -> str:
+    """What decides a 1-section model's samples: its config less the staggering fields (a new option
+    must not resample) and per tensor its shape and sum (10 digits: summation order may differ)."""
+    from .layout import Layout
+    skip = {*Layout(sections=1).config_fields(), "bridge_hidden", "stag_recipe", "transformers_version"}
+    config = {k: v for k, v in model.config.to_dict().items() if k not in skip and not k.startswith("_")}
+    sums = [(n, list(p.shape), f"{float(p.detach().sum(dtype=torch.float64)):.10g}") for n, p in model.named_parameters()]
+    return json.dumps([config, sums], sort_keys=True, default=str)
+
+
 def self_text(model, tokenizer, spec: str, seq_len: int = 256, batch: int = 64, progress=None) -> str:
     """`self:N` (default N = 65536): N tokens the source model samples itself (temperature 1), each row
     started from a random common token, decoded to text and cached as JSONL under
     $STAG_CACHE/selftext. A bridge fitted only on KJV collapses on other text (Python docs: 28x the
     source's perplexity); the source's own samples cover its whole domain (docs/bridge.md)."""
     import hashlib
-    import json
 
     from .corpora import cache_dir
     from .decode import generate
     from .files import new_file
     tokens = int(spec.partition(":")[2] or 65536)
-    key = hashlib.sha256(str(model.config.to_dict()).encode() + str(float(model.embed.weight.detach().sum())).encode())
+    if model.config.sections != 1:
+        raise ValueError("self_text samples the source: give it a 1-section conversion")
+    key = hashlib.sha256(source_fingerprint(model).encode())
     path = cache_dir() / "selftext" / f"{key.hexdigest()[:16]}-{tokens}.jsonl"
     if path.exists():
         return str(path)

@@ -265,9 +265,10 @@ def bridge_donor(path: str, layout: Layout, hf_config, family) -> dict:
     if not is_stag_output(Path(path)):
         raise StagError(f"--bridge-from {path}: not a stag checkpoint (no stag config.json)")
     donor = json.loads((Path(path) / "config.json").read_text())
-    want = {"section_input": layout.bridge, "sections": layout.sections,
+    want = {"section_input": layout.bridge, "sections": layout.sections, "bridge_depth": layout.bridge_depth,
             "hidden_size": _hparam(family, hf_config, "hidden_size"),
             "num_layers": _hparam(family, hf_config, "num_layers")}
+    donor.setdefault("bridge_depth", 0)  # written before bridge_depth existed
     wrong = [f"{k} {donor.get(k)} (need {v})" for k, v in want.items() if donor.get(k) != v]
     if wrong:
         raise StagError(f"--bridge-from {path}: its bridge does not fit this conversion: {', '.join(wrong)}")

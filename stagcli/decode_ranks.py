@@ -151,6 +151,8 @@ def generate_on_devices(model_source, input_ids, attention_mask=None, max_new_to
         config = load_hf_config(model_source)
     check_request(config, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p))
     sections = getattr(config, "sections", 1)
+    if getattr(config, "verified", False):
+        raise StagError("--devices decodes split models; a verify or exact-cache model decodes in one process")
     if len(devices) != sections or sections < 2:
         raise StagError(f"--devices needs one device per section: the model has {sections} section(s), "
                         f"{len(devices)} device(s) given" + (" (multi-device decoding needs >= 2 sections)" if sections < 2 else ""))

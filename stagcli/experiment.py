@@ -174,7 +174,10 @@ def prepare_bridged(name: str, variant: dict, layout: Layout, source: str, recip
 
     from .convert import convert, load_model
     from .train import TrainConfig, finetune
-    spec = {k: variant.get(k) for k in VARIANT_BRIDGE_KEYS} | {"layout": layout.as_dict()}
+    # layout fields at their defaults left out: a new option must not orphan finished stages
+    defaults = Layout().as_dict()
+    spec = {k: variant.get(k) for k in VARIANT_BRIDGE_KEYS} | {
+        "layout": {k: v for k, v in layout.as_dict().items() if v != defaults[k]}}
     root = out / "bridged" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     converted, trained = root / "converted", root / "bridge-trained"
     if not (converted / "config.json").is_file():

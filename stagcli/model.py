@@ -8,7 +8,8 @@ section_input.py) and, at every layer, cross-attends to section s-1's outputs at
 Storage: `blocks[j]` holds depth j of EVERY section, each weight stacked over sections as
 [weight_sets, out, in]. Training runs section after section over the whole sequence
 (`run_sections`); decoding runs all sections at once, one batched matmul per depth (`step`).
-Both go through `run_blocks`, so they give the same logits. A model may hold only some sections
+Both go through `run_blocks`, so they give the same logits. (Verify layouts with bridge_depth > 0
+run section 1's first layers first, then the rest of each section: verify_step.) A model may hold only some sections
 (`held`, one rank of a multi-process decode: see decode_ranks.narrow_to_section); the same
 methods then run those.
 """
@@ -39,7 +40,8 @@ class StagConfig(PretrainedConfig):
                  qkv_bias=False, o_bias=False, mlp_bias=False, qk_norm=False, sliding_window=None,
                  tie_embeddings=True,
                  sections=1, shared=False, window=None, section_input="zero", cross_attn="sequential",
-                 exact_first=False, bridge_hidden=2048, verified=False, exact_cache=False, stag_recipe=None,
+                 exact_first=False, bridge_hidden=2048, verified=False, exact_cache=False, bridge_depth=0,
+                 stag_recipe=None,
                  **kwargs):
         self.vocab_size, self.hidden_size, self.num_layers = vocab_size, hidden_size, num_layers
         self.num_heads = num_heads
@@ -69,6 +71,9 @@ class StagConfig(PretrainedConfig):
         # still rewrites each position with its exact input one step later, so its cache holds the
         # source's states before i and only row i itself is a draft (the forward scores those rows)
         self.exact_cache = exact_cache
+        # verify layouts: the bridge reads section 1's state after this many layers (its "view" of the
+        # current token, h^k; 0: the embedding), so section 2 starts k layers after section 1
+        self.bridge_depth = bridge_depth
         self.stag_recipe = stag_recipe or {}  # how this model was made (convert/finetune), for humans
         kwargs.setdefault("tie_word_embeddings", False)  # we tie by reusing embed.weight, not HF's tying
         super().__init__(**kwargs)
@@ -235,15 +240,17 @@ class StagForCausalLM(PreTrainedModel):
     def rope_for(self, place: Place):
         return None if self.rope is None else self.rope(place.positions, place.length, self.embed.weight.dtype)
 
-    def run_blocks(self, x, sections: slice, place: Place, cache=None, memory=None, rope=None, cross: bool = True):
-        """Sections `sections` (global indices, rows of x [S, B, T, d]) through every depth.
+    def run_blocks(self, x, sections: slice, place: Place, cache=None, memory=None, rope=None, cross: bool = True,
+                   depths: range | None = None):
+        """Sections `sections` (global indices, rows of x [S, B, T, d]) through every depth (or `depths`).
         memory: the normalised memory of the rows with cross-attention, for new slots (training,
         prefill); a decode step writes it with write_memory instead. cross=False: no
         cross-attention (the source's own layers, as in exact_outputs)."""
         run = Run(self, sections, place, cache, memory, rope if rope is not None else self.rope_for(place))
         if not cross:
             run.first_cross = None
-        for j, block in enumerate(self.blocks):
+        for j in depths if depths is not None else range(len(self.blocks)):
+            block = self.blocks[j]
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, run, j, use_reentrant=False)
             else:
@@ -303,18 +310,23 @@ class StagForCausalLM(PreTrainedModel):
         `memory_override` replaces the last section's memory source (recurrent reference)."""
         place = self.place(input_ids, attention_mask, cache)
         emb = self.embed_tokens(input_ids, place.positions)
-        outputs = []
+        view, outputs = emb, []  # view: what section 2's bridge reads of each token (lower_section)
         for s in range(self.config.sections):
+            if s == 0 and self.config.verified:
+                view, out = self.lower_section(emb, place, cache)
+                outputs.append(out)
+                continue
             last = s == self.config.sections - 1
             below = memory_override if (memory_override is not None and last and s > 0) else (outputs or [None])[-1]
-            outputs.append(self.run_section(s, emb, below, place, cache))
+            outputs.append(self.run_section(s, view, below, place, cache))
         if cache is not None:
-            self.remember_last(cache, emb, dict(enumerate(outputs)))
+            self.remember_last(cache, view, dict(enumerate(outputs)))
         return outputs[-1]
 
     @staticmethod
     def remember_last(cache: StagCache, emb, outputs: dict):
-        """After a prefill: the last position's embedding and section outputs {section: [B, T, d]},
+        """After a prefill: the last position's embedding (the bridge's view of it, lower_section) and
+        section outputs {section: [B, T, d]},
         read by the next step's section inputs (in place: a captured step reads these addresses)."""
         for s, out in outputs.items():
             cache.last_out[s] = out[:, -1]
@@ -325,29 +337,45 @@ class StagForCausalLM(PreTrainedModel):
         position and no cross-attention: the source model's residual stream at the section
         boundaries, while the sections hold the source's layers (targets for the bridges, and the
         exact rows of verified decoding)."""
+        return self.exact_states(input_ids, attention_mask, upto)[1]
+
+    def exact_states(self, input_ids, attention_mask=None, upto: int | None = None):
+        """(view [B, T, d], exact_outputs): also what the bridges read of each token (lower_section)."""
         place = self.place(input_ids, attention_mask)
-        x, outputs = self.embed_tokens(input_ids, place.positions), []
-        for s in range(self.config.sections if upto is None else upto):
+        view, x = self.lower_section(self.embed_tokens(input_ids, place.positions), place)
+        outputs = [x]
+        for s in range(1, self.config.sections if upto is None else upto):
             x = self.run_blocks(x[None], slice(s, s + 1), place, cross=False)[0]
             outputs.append(x)
-        return outputs
+        return view, outputs
+
+    def lower_section(self, emb, place: Place, cache=None):
+        """Section 1 over emb [B, T, d], without cross-attention (it has none). Returns (view, output):
+        view is what section 2's bridge reads of each token, section 1's state after
+        config.bridge_depth of its layers (the embedding itself at depth 0)."""
+        if place.rope is None:
+            place.rope = self.rope_for(place)
+        rope, k = place.rope, self.config.bridge_depth
+        view = self.run_blocks(emb[None], slice(0, 1), place, cache, rope=rope, cross=False, depths=range(k)) if k else emb[None]
+        out = self.run_blocks(view, slice(0, 1), place, cache, rope=rope, cross=False, depths=range(k, self.config.depth))
+        return view[0], out[0]
 
     def exact_cache_hidden(self, input_ids, attention_mask=None):
         """An exact-cache model's output [B, T, d]: section 2's draft row at every position i > 0 (the
         bridge's input, attending to exact rows j < i and itself); position 0 reads u_0 (exact_first).
         Section 2 runs 2T rows, [exact; draft], in one pass with exact_cache_mask."""
         place = self.place(input_ids, attention_mask)
-        emb = self.embed_tokens(input_ids, place.positions)
-        below = self.run_blocks(emb[None], slice(0, 1), place, cross=False)[0]
-        return self.exact_cache_rows(below, self.teacher_forced_inputs(emb, below[None], place)[0][0], place)
+        view, below = self.lower_section(self.embed_tokens(input_ids, place.positions), place)
+        return self.exact_cache_rows(below, self.teacher_forced_inputs(view, below[None], place)[0][0], place)
 
-    def teacher_forced_inputs(self, emb, exact, place: Place):
+    def teacher_forced_inputs(self, view, exact, place: Place):
         """Every section s > 0's input at every position when the sections below gave their exact
-        outputs exact [C, B, T, d]: the bridges read E[x_{i-1}] and u_{i-1} one position late.
+        outputs exact [C, B, T, d]: the bridges read the view of x_i (lower_section; E[x_i] at depth 0)
+        and of x_{i-1}, and u_{i-1} one position late.
         Returns (inputs [C, B, T, d], prev_ok [B, T]: whether position i-1 exists)."""
         shift = lambda t: torch.cat([torch.zeros_like(t[..., :1, :]), t[..., :-1, :]], -2)
         prev_ok = torch.cat([torch.zeros_like(place.valid[:, :1]), place.valid[:, :-1]], 1)
-        return self.section_inputs(emb, shift(emb), shift(exact), prev_ok, slice(1, self.config.sections), place), prev_ok
+        return self.section_inputs(view, shift(view), shift(exact), prev_ok, slice(1, self.config.sections), place), prev_ok
 
     def exact_cache_rows(self, below, draft, place: Place):
         """Section 2's draft rows [B, T, d] from section 1's exact outputs below and the predicted
@@ -366,9 +394,9 @@ class StagForCausalLM(PreTrainedModel):
         no_grad: only the bridges get gradients. Returns [sections - 1]."""
         place = self.place(input_ids, attention_mask)
         with torch.no_grad():
-            emb = self.embed_tokens(input_ids, place.positions)
-            targets = torch.stack(self.exact_outputs(input_ids, attention_mask, upto=self.config.sections - 1))
-        pred, prev_ok = self.teacher_forced_inputs(emb, targets, place)
+            view, targets = self.exact_states(input_ids, attention_mask, upto=self.config.sections - 1)
+            targets = torch.stack(targets)
+        pred, prev_ok = self.teacher_forced_inputs(view, targets, place)
         keep = (prev_ok & place.valid)[None, ..., None].to(pred.dtype)
         err = ((pred.float() - targets.float()) ** 2 * keep).sum((1, 2, 3))
         return err / ((targets.float() ** 2) * keep).sum((1, 2, 3)).clamp(min=1e-12)
@@ -454,10 +482,21 @@ class StagForCausalLM(PreTrainedModel):
         emb = self.embed_tokens(tokens, place.positions)
         ones = torch.ones_like(tokens[:, :1], dtype=torch.bool)
         at_t = Place(place.slots[:, 1:], place.positions[:, 1:], place.key_valid, ones[:, 0], place.length)
-        draft = self.section_inputs(emb[:, 1:], emb[:, :1], u_prev[None, :, None], ones, slice(1, 2), at_t, cache)[0]
-        x = torch.stack([emb, torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)])
-        out = self.run_blocks(x, slice(0, 2), place, cache, cross=False)
-        return self.logits(out[1]), out[0]
+        place.rope = self.rope_for(place)
+        k = self.config.bridge_depth
+        view = self.run_blocks(emb[None], slice(0, 1), place, cache, rope=place.rope, cross=False, depths=range(k))[0] if k else emb
+        draft = self.section_inputs(view[:, 1:], view[:, :1], u_prev[None, :, None], ones, slice(1, 2), at_t, cache)[0]
+        upper = torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)
+        if k == 0:  # both sections from the first layer: one batched op per depth
+            out = self.run_blocks(torch.stack([emb, upper]), slice(0, 2), place, cache, rope=place.rope, cross=False)
+            return self.logits(out[1]), out[0]
+        # Section 2 starts k layers late. Here the sections run one after the other (the CPU gains
+        # nothing from batching them); pairing section 1's depth j + k with section 2's depth j in one
+        # op, as the lockstep above does at k = 0, is not built (docs/bridge.md).
+        lower = self.run_blocks(view[None], slice(0, 1), place, cache, rope=place.rope, cross=False,
+                                depths=range(k, self.config.depth))[0]
+        upper = self.run_blocks(upper[None], slice(1, 2), place, cache, rope=place.rope, cross=False)[0]
+        return self.logits(upper), lower
 
     def memory_kv_weights(self):
         """Every depth's cross-attention K/V projection stacked into one weight [C, depth*2*kv, d]

@@ -11,7 +11,8 @@ u_<i (strictly before i), and its own states. An input form turns those into the
     attn:    W [f; 1] + Layer(f_<=i)                 [ours] a bridge: the ridge map plus one decoder
                                                      layer over the bridge's own rows f_j, j <= i
 with f = [E[x_i]; u_{i-1}; E[x_{i-1}]] / scale (each feature divided by its RMS on calibration
-text). A bridge predicts what the source's lower layers would have given section s at i (see
+text). In the verify layouts with bridge_depth k > 0, E[x] is replaced by section 1's state after k
+layers (StagForCausalLM.lower_section), the "view" the forms receive as `emb`. A bridge predicts what the source's lower layers would have given section s at i (see
 docs/bridge.md and stagcli/bridge.py, which fits and trains them).
 
 Every form sees the same features (E[x_i], E[x_{i-1}], u_{i-1}, whether i-1 exists), stacked over

@@ -16,6 +16,10 @@ so section 2's cache always holds the source's exact states for positions < t. A
 step when its draft was right and two when it was wrong: 2 - a steps per token at acceptance a,
 each step as deep as one section (L/2 layers). The output is the source's, whatever the bridge.
 
+With bridge_depth k > 0 the bridge reads section 1's state after k layers instead of the embedding
+(z and x_{t-1} after k layers, computed by section 1 in the same step): section 2 starts k layers
+late, and this build runs the two sections one after the other (StagForCausalLM.verify_step).
+
 An exact-cache model (--mode exact-cache, config.exact_cache) runs the same steps and accepts every
 draft: one token per step, section 2's cache still exact before t (its exact row rewrites t-1), the
 output the model's own (StagForCausalLM.exact_cache_hidden is its full-sequence form), not the source's.
@@ -198,11 +202,12 @@ def sampled_step(model, cache, pad, max_len: int, s: VerifyState, sampling: Samp
     source's distribution exactly (accept the draft z ~ q with probability min(1, p(z)/q(z)), else
     draw from norm(max(0, p - q)))."""
     logits, u_rows = _forward(model, cache, pad, max_len, s)
+    if model.config.exact_cache:  # every draft is emitted: nothing to verify, the next one drawn from row t
+        _advance(s, s.z_draft, s.z, draw(probabilities(logits[:, 1], sampling), gen), u_rows)
+        return
     p, z = probabilities(logits[:, 0], sampling), s.z[:, None]
     ratio = p.gather(1, z)[:, 0] / s.q.gather(1, z)[:, 0].clamp(min=1e-30)
     accept = s.z_draft & (torch.rand(len(z), generator=gen, device=z.device) < ratio)
-    if model.config.exact_cache:
-        accept = s.z_draft
     residual = (p - s.q).clamp(min=0)  # where nothing was drafted (z known) `right` is never emitted
     mass = residual.sum(-1, keepdim=True)
     right = draw(torch.where(mass > 0, residual / mass.clamp(min=1e-30), p), gen)

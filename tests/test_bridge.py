@@ -136,3 +136,19 @@ def test_bridge_from_copies_a_trained_bridge_into_a_verified_model(src, corpus, 
                                      "--bridge-from", str(tmp_path / "split"), *args])
         assert result.exit_code == 2 and fragment in result.output, result.output
         assert not (tmp_path / "bad").exists()
+
+
+def test_self_text_is_keyed_by_the_sources_weights_not_the_staggering_fields():
+    """The source's own samples are cached under a fingerprint of the 1-section model: a new conversion
+    option must not resample them, a changed weight must."""
+    from stagcli.bridge import source_fingerprint, self_text
+    hf = tiny_hf_model("llama")
+    source = convert_model(hf, Layout(sections=1))
+    again = convert_model(hf, Layout(sections=1))
+    again.config.bridge_depth, again.config.stag_recipe = 3, {"note": "a field the sampler never reads"}
+    assert source_fingerprint(again) == source_fingerprint(source)
+    with torch.no_grad():
+        again.embed.weight[5, 0] += 1e-3
+    assert source_fingerprint(again) != source_fingerprint(source)
+    with pytest.raises(ValueError, match="1-section"):
+        self_text(convert_model(hf, Layout(sections=2, bridge="ridge")), tiny_tokenizer(), "self:64")

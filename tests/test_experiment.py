@@ -152,7 +152,8 @@ def test_bridged_variant_with_a_bridge_stage_and_offdomain_scores(tiny_run, tmp_
                "bridge_train": {"objective": "bridge", "seq_len": 64, "batch_size": 8, "max_steps": 3, "eval_every": 3,
                                 "eval_sequences": 4}}
     recipe["tiny"]["variants"] = {"control": {"sections": 1}, "split2-bridge": bridged,
-                                  "exact-cache-bridge": {**bridged, "mode": "exact-cache"}}
+                                  "exact-cache-bridge": {**bridged, "mode": "exact-cache"},
+                                  "exact-cache-depth1": {**bridged, "mode": "exact-cache", "bridge_depth": 1}}
     recipe["offdomain"] = {"data": "kjv:heldout", "sequences": 4, "seq_len": 64}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     shutil.copytree(tiny_run[0] / "source", tmp_path / "work" / "source")
@@ -161,7 +162,10 @@ def test_bridged_variant_with_a_bridge_stage_and_offdomain_scores(tiny_run, tmp_
     rows = {r["variant"]: r for r in summary["variants"]}
     assert rows["split2-bridge"]["init"] == "mlp" and rows["split2-bridge"]["tokens"] == 2 * 8 * 64
     stage = list((tmp_path / "work" / "bridged").glob("*/bridge-trained/metrics.jsonl"))
-    assert len(stage) == 2 and all("bridge_mse" in s.read_text() for s in stage)  # one conversion per layout
-    assert set(summary["offdomain"]["ratio"]) == {"source", "control", "split2-bridge", "exact-cache-bridge"}
+    assert len(stage) == 3 and all("bridge_mse" in s.read_text() for s in stage)  # one conversion per layout
+    depths = sorted(json.loads(c.read_text()).get("bridge_depth") for c in (tmp_path / "work" / "bridged").glob("*/converted/config.json"))
+    assert depths == [0, 0, 1]
+    assert set(summary["offdomain"]["ratio"]) == {"source", "control", "split2-bridge", "exact-cache-bridge",
+                                                  "exact-cache-depth1"}
     assert summary["offdomain"]["ratio"]["source"] == 1.0
     assert "Off-domain perplexity" in (tmp_path / "results" / "results.md").read_text()

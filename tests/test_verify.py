@@ -15,8 +15,8 @@ from stagcli.verify import generate_verified
 runner = CliRunner()
 
 
-def verified(hf, bridge="ridge", fit=False):
-    model = convert_model(hf, Layout(sections=2, mode="verify", bridge=bridge))
+def verified(hf, bridge="ridge", fit=False, depth=0):
+    model = convert_model(hf, Layout(sections=2, mode="verify", bridge=bridge, bridge_depth=depth))
     if fit:  # a bridge fitted on the source's own activations over random text: better than chance
         from stagcli.bridge import fit_ridge
         fit_ridge(model, torch.randint(3, VOCAB, (16, 64), generator=torch.Generator().manual_seed(0)), lam=1e-3)
@@ -52,6 +52,22 @@ def test_greedy_tokens_are_the_sources(family, bridge, fit):
         assert stats.acceptance > 0.2  # a fitted bridge's drafts are often right ...
     else:
         assert stats.acceptance < 0.2  # ... a random one's rarely: the output is the same either way
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("bridge, depth", [("ridge", 1), ("attn", 2)])
+def test_a_deeper_bridge_view_keeps_the_sources_tokens(family, bridge, depth):
+    """--bridge-depth k: section 2 starts k layers late, its bridge reading section 1's state there;
+    the output is still the source's, left-padded rows included."""
+    from stagcli.decode import left_pad
+    hf = tiny_hf_model(family, layers=6)
+    model = verified(hf, bridge, True, depth)
+    rows = [[5, 9, 11, 4, 7, 30], [8, 3], [40, 41, 42, 43]]
+    ids, mask = left_pad(rows)
+    out, stats = generate_verified(model, ids, mask, max_new_tokens=12)
+    for b, row in enumerate(rows):
+        assert out[b].tolist() == hf_greedy(hf, torch.tensor([row]), 12)[0].tolist()
+    assert stats.drafted > 0 and stats.acceptance > 0.2
 
 
 @pytest.mark.parametrize("bridge, fit", [("ridge", True), ("attn", True)])

@@ -65,6 +65,9 @@ def convert(
     else:
         table.add_row("section input", f"{layout.bridge} bridge (fitted on {', '.join(calibrate)}, "
                       f"{calibrate_tokens:,} tokens)" if layout.bridge else layout.init)
+    if layout.bridge_depth:
+        table.add_row("bridge reads", f"section 1's state after {layout.bridge_depth} layers (section 2 starts "
+                      f"{layout.bridge_depth} layers late; docs/bridge.md)")
     if cfg.cross_sets:
         table.add_row("cross-attention", layout.cross_attn)
     table.add_row("parameters", f"{result.stag_params:,} ({result.stag_params - result.source_params:+,} added)")
