@@ -107,10 +107,11 @@ class Run:
         self.weights = slice(0, 1) if cfg.shared else self.rows
         self.cross = slice(0, 1) if cfg.shared else self.cross_rows
         self.first_cross = c0 - s0 if s1 > c0 and cfg.cross_sets else None  # first row with memory
-        self.self_mask, self.cross_mask, self.has_memory = attention_masks(
-            place.key_valid, place.slots, cfg.window, cfg.sliding_window)
-        if place.self_mask is not None:
-            self.self_mask = place.self_mask
+        if place.self_mask is None:
+            self.self_mask, self.cross_mask, self.has_memory = attention_masks(
+                place.key_valid, place.slots, cfg.window, cfg.sliding_window)
+        else:  # exact-cache rows (verify layouts: no cross-attention)
+            self.self_mask, self.cross_mask, self.has_memory = place.self_mask, None, None
         self.cache, self.slots, self.memory, self.rope = cache, place.slots, memory, rope
         self.dtype = model.embed.weight.dtype
         self._memo = {}
@@ -483,18 +484,16 @@ class StagForCausalLM(PreTrainedModel):
         ones = torch.ones_like(tokens[:, :1], dtype=torch.bool)
         at_t = Place(place.slots[:, 1:], place.positions[:, 1:], place.key_valid, ones[:, 0], place.length)
         place.rope = self.rope_for(place)
-        k = self.config.bridge_depth
-        view = self.run_blocks(emb[None], slice(0, 1), place, cache, rope=place.rope, cross=False, depths=range(k))[0] if k else emb
+        # At bridge_depth k > 0 section 2 starts k layers late: section 1 runs first, then section 2
+        # (the CPU gains nothing from batching them; pairing section 1's depth j + k with section 2's
+        # depth j in one op, as the lockstep below does at k = 0, is not built: docs/bridge.md).
+        deep = self.config.bridge_depth > 0
+        view, lower = self.lower_section(emb, place, cache) if deep else (emb, None)
         draft = self.section_inputs(view[:, 1:], view[:, :1], u_prev[None, :, None], ones, slice(1, 2), at_t, cache)[0]
         upper = torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)
-        if k == 0:  # both sections from the first layer: one batched op per depth
+        if not deep:  # both sections from the first layer: one batched op per depth
             out = self.run_blocks(torch.stack([emb, upper]), slice(0, 2), place, cache, rope=place.rope, cross=False)
             return self.logits(out[1]), out[0]
-        # Section 2 starts k layers late. Here the sections run one after the other (the CPU gains
-        # nothing from batching them); pairing section 1's depth j + k with section 2's depth j in one
-        # op, as the lockstep above does at k = 0, is not built (docs/bridge.md).
-        lower = self.run_blocks(view[None], slice(0, 1), place, cache, rope=place.rope, cross=False,
-                                depths=range(k, self.config.depth))[0]
         upper = self.run_blocks(upper[None], slice(1, 2), place, cache, rope=place.rope, cross=False)[0]
         return self.logits(upper), lower
 
