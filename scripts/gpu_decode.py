@@ -32,6 +32,10 @@ FORMS = {  # name -> Layout fields; order = priority
     "shared2-parallel": dict(sections=2, mode="shared", cross_attn="parallel"),
     "split2-mlp-bridge": dict(sections=2, bridge="mlp"),
     "verify-mlp-bridge": dict(sections=2, mode="verify", bridge="mlp"),
+    # the depth-K bridge (docs/bridge.md): section 2 starts K layers late, then both run on two streams
+    "exact-cache-attn": dict(sections=2, mode="exact-cache", bridge="attn"),
+    "exact-cache-depth4-attn": dict(sections=2, mode="exact-cache", bridge="attn", bridge_depth=4),
+    "verify-depth4-attn": dict(sections=2, mode="verify", bridge="attn", bridge_depth=4),
     "split3": dict(sections=3),
     "shared2": dict(sections=2, mode="shared"),
 }
@@ -104,7 +108,7 @@ def main():
             failures.append({"name": form, "error": f"convert: {type(e).__name__}: {e}"})
             continue
         for b in batches:
-            if form.startswith("verify"):
+            if form.startswith(("verify", "exact-cache")):
                 attempt(form, b, lambda: bench_verified(model, b, compile=compile, **common))
                 if compile:  # the captured graph alone, in case compile is what breaks
                     attempt(form + " (no compile)", b, lambda: bench_verified(model, b, compile=False, **common))

@@ -46,10 +46,9 @@ class Layout:
     bridge_depth: int = option(0, "verify and exact-cache modes: the bridge reads the current token after K of section "
                                   "1's layers (the source's own residual h^K) instead of its embedding. Better drafts "
                                   "(docs/bridge.md: K = 4 takes the ridge bridge from 1.99x to 1.51x the source's "
-                                  "perplexity off-domain), but section 2 starts K layers after section 1: L/2 + K "
-                                  "layers on the critical path instead of L/2 once the two are paired in one op per "
-                                  "depth, which is not built: at K > 0 this build runs the sections one after the "
-                                  "other, so a GPU decodes no faster than the source yet. 0: the embedding.")
+                                  "perplexity off-domain), but section 2 starts K layers after section 1: a step is "
+                                  "K + L/2 layers deep instead of L/2 (on CUDA the rest of section 1 and section 2 "
+                                  "run on two streams at once; elsewhere one after the other). 0: the embedding.")
     cross_attn: str = option("sequential", "Where cross-attention sits in a layer. sequential: the paper's "
                                            "extra sublayer after self-attention (own norm, query and output "
                                            "projections). parallel: it reads the same norm(x) as self-attention, "

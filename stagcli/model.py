@@ -9,9 +9,9 @@ Storage: `blocks[j]` holds depth j of EVERY section, each weight stacked over se
 [weight_sets, out, in]. Training runs section after section over the whole sequence
 (`run_sections`); decoding runs all sections at once, one batched matmul per depth (`step`).
 Both go through `run_blocks`, so they give the same logits. (Verify layouts with bridge_depth > 0
-run section 1's first layers first, then the rest of each section: verify_step.) A model may hold only some sections
-(`held`, one rank of a multi-process decode: see decode_ranks.narrow_to_section); the same
-methods then run those.
+run section 1's first layers first, then the rest of both sections side by side: verify_step.)
+A model may hold only some sections (`held`, one rank of a multi-process decode: see
+decode_ranks.narrow_to_section); the same methods then run those.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .cache import Place, StagCache
+from .devices import run_concurrently
 from .cross_attention import FORMS
 from .layers import (ROPE_SCALINGS, RopeTable, StackedLinear, StackedNorm, apply_rope, attend, few_row_logits,  # noqa: F401
                      attention_masks, exact_cache_mask, merge_heads, split_heads)
@@ -189,6 +190,9 @@ class StagForCausalLM(PreTrainedModel):
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, config.vocab_size, bias=False)
         self.rope = RopeTable(config) if config.positions == "rope" else None
         self.held = slice(0, config.sections)  # the sections whose weights this instance holds
+        # verify layouts: the forward scores the drafts (exact_cache_hidden) instead of the exact
+        # computation, which no bridge enters (set while fine-tuning a verify model's bridge)
+        self.score_drafts = False
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -410,7 +414,8 @@ class StagForCausalLM(PreTrainedModel):
         model's own forward so that data-parallel training syncs it)."""
         if bridge_errors:
             return CausalLMOutputWithPast(loss=self.bridge_errors(input_ids, attention_mask))
-        hidden = (self.exact_cache_hidden if self.config.exact_cache else self.run_sections)(input_ids, attention_mask)
+        drafts = self.config.exact_cache or (self.score_drafts and self.config.verified)
+        hidden = (self.exact_cache_hidden if drafts else self.run_sections)(input_ids, attention_mask)
         normed = self.final_hidden(hidden)
         logits = F.linear(normed[:, -logits_to_keep:] if logits_to_keep else normed, self.head_weight)
         loss = None
@@ -479,23 +484,30 @@ class StagForCausalLM(PreTrainedModel):
         """One step of verified decoding (stagcli/verify.py): tokens [B, 2] at positions t-1, t (per
         row, place.slots [B, 2]). Section 1 runs both; section 2 runs position t-1 on the exact input
         u_prev [B, d] and position t on the bridge's prediction, one batched op per depth for both
-        sections. Returns (section 2's logits [B, 2, V], section 1's outputs [B, 2, d])."""
+        sections (at bridge_depth k > 0: section 1's first k layers, then both chains concurrently).
+        Returns (section 2's logits [B, 2, V], section 1's outputs [B, 2, d])."""
         emb = self.embed_tokens(tokens, place.positions)
         ones = torch.ones_like(tokens[:, :1], dtype=torch.bool)
         at_t = Place(place.slots[:, 1:], place.positions[:, 1:], place.key_valid, ones[:, 0], place.length)
         place.rope = self.rope_for(place)
-        # At bridge_depth k > 0 section 2 starts k layers late: section 1 runs first, then section 2
-        # (the CPU gains nothing from batching them; pairing section 1's depth j + k with section 2's
-        # depth j in one op, as the lockstep below does at k = 0, is not built: docs/bridge.md).
-        deep = self.config.bridge_depth > 0
-        view, lower = self.lower_section(emb, place, cache) if deep else (emb, None)
+        k = self.config.bridge_depth
+        # At bridge_depth k > 0 section 1's first k layers give the bridge its view of the tokens first
+        view = self.run_blocks(emb[None], slice(0, 1), place, cache, rope=place.rope, cross=False,
+                               depths=range(k))[0] if k else emb
         draft = self.section_inputs(view[:, 1:], view[:, :1], u_prev[None, :, None], ones, slice(1, 2), at_t, cache)[0]
         upper = torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)
-        if not deep:  # both sections from the first layer: one batched op per depth
+        if not k:  # both sections from the first layer: one batched op per depth
             out = self.run_blocks(torch.stack([emb, upper]), slice(0, 2), place, cache, rope=place.rope, cross=False)
             return self.logits(out[1]), out[0]
-        upper = self.run_blocks(upper[None], slice(1, 2), place, cache, rope=place.rope, cross=False)[0]
-        return self.logits(upper), lower
+        # then two independent chains: section 1's last layers (the next step's exact row) and section 2
+        # with the head (this step's logits); on CUDA on two streams at once, so the step is k + L/2 layers
+        # deep (devices.run_concurrently)
+        lower, logits = run_concurrently(
+            lambda: self.run_blocks(view[None], slice(0, 1), place, cache, rope=place.rope, cross=False,
+                                    depths=range(k, self.config.depth))[0],
+            lambda: self.logits(self.run_blocks(upper[None], slice(1, 2), place, cache, rope=place.rope, cross=False)[0]),
+            emb.device)
+        return logits, lower
 
     def memory_kv_weights(self):
         """Every depth's cross-attention K/V projection stacked into one weight [C, depth*2*kv, d]

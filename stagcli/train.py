@@ -79,7 +79,9 @@ class TrainConfig:
                                                 "training have passed in this session, whatever budget is left.")
     train: str = option("all", "all: train every weight. cross: train only what staggering added "
                                "(cross-attention, memory norm, bridge; not for --cross-attn parallel models). "
-                               "bridge: only the bridge (a model converted with --bridge).",
+                               "bridge: only the bridge (a model converted with --bridge; on a verify model through its "
+                               "drafts, e.g. to retune it after fine-tuning the model: --distill-from the model "
+                               "itself --distill-alpha 1).",
                         choices=("all", "cross", "bridge"))
     objective: str = option("lm", "lm: the next-token loss, (1-alpha) LM + alpha KL when distilling. bridge: only "
                                   "the bridges, regressed onto the source's residual stream at each section "
@@ -447,6 +449,10 @@ class FineTune:
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(0.05 * self.total_steps)
 
         self.trained = trainable_parameters(model, cfg.train)
+        # A verify model's forward is the source's exact computation, which no bridge enters: its bridge
+        # trains (and is scored) through the drafts, the rows verification accepts or rejects
+        if getattr(model.config, "verified", False) and cfg.train == "bridge" and cfg.objective != "bridge":
+            model.score_drafts = True
         # fused: one kernel per step, without foreach's parameter-sized temporaries (a peak-memory spike)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.trained, model, cfg), lr=cfg.lr,
                                            fused=model.device.type in ("cpu", "cuda"))

@@ -18,7 +18,9 @@ each step as deep as one section (L/2 layers). The output is the source's, whate
 
 With bridge_depth k > 0 the bridge reads section 1's state after k layers instead of the embedding
 (z and x_{t-1} after k layers, computed by section 1 in the same step): section 2 starts k layers
-late, and this build runs the two sections one after the other (StagForCausalLM.verify_step).
+late. After the bridge, section 1's last L/2 - k layers and section 2 are independent; on CUDA they
+run on two streams at once (devices.run_concurrently), so a step is k + L/2 layers deep
+(StagForCausalLM.verify_step); elsewhere one after the other.
 
 An exact-cache model (--mode exact-cache, config.exact_cache) runs the same steps and accepts every
 draft: one token per step, section 2's cache still exact before t (its exact row rewrites t-1), the

@@ -223,3 +223,62 @@ def test_a_reused_engine_gives_the_same_tokens_and_streams_them_in_order():
     assert torch.equal(out, outputs[0][1])
     with pytest.raises(Exception, match="exceed the engine"):
         generate_verified(model, prompts[0], max_new_tokens=40, engine=engine)
+
+
+def test_train_bridge_on_a_verify_model_trains_its_drafts(corpus, tmp_path):
+    """A verify model's forward is the exact computation, which no bridge enters: --train bridge
+    trains the bridge through the drafts (distilled from the model itself), touches nothing else,
+    and the saved model is still a verify model whose tokens are the source's."""
+    import copy
+    from conftest import tiny_tokenizer
+    from stagcli.train import TrainConfig, finetune
+    hf = tiny_hf_model("llama", layers=6)
+    model = verified(hf, "attn", True, depth=1)
+    teacher = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(data=[str(corpus)], seq_len=32, batch_size=8, max_steps=12, lr=1e-3, warmup_steps=2,
+                      train="bridge", distill_alpha=1.0, eval_every=12, eval_sequences=4, compile=False)
+    finetune(model, tiny_tokenizer(), cfg, tmp_path / "out", teacher=teacher)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("section_input.") for k in changed)
+    from stagcli.convert import load_model
+    saved = load_model(str(tmp_path / "out"))[0].eval()
+    assert saved.config.verified and not saved.score_drafts
+    ids = torch.randint(3, VOCAB, (4, 24), generator=torch.Generator().manual_seed(3))
+
+    def draft_gap(m):  # KL(exact || drafts): what the training lowered
+        with torch.no_grad():
+            exact = m(ids).logits.log_softmax(-1)
+            m.score_drafts = True
+            drafts = m(ids).logits.log_softmax(-1)
+            m.score_drafts = False
+        assert not torch.equal(exact, drafts)
+        return (exact.exp() * (exact - drafts)).sum(-1).mean().item()
+    assert draft_gap(saved) < 0.9 * draft_gap(teacher.eval())
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(generate_verified(saved, prompt, max_new_tokens=10)[0], hf_greedy(hf, prompt, 10))
+
+
+@pytest.mark.parametrize("mode", ["verify", "exact-cache"])
+def test_the_two_chains_of_a_deep_step_do_not_depend_on_each_other(monkeypatch, mode):
+    """At bridge depth k > 0 a step ends in two chains that CUDA runs on two streams at once (section 1's
+    last layers; section 2 and the head): run in the other order they give the same tokens, so
+    neither reads what the other writes."""
+    import stagcli.model as model_module
+    hf = tiny_hf_model("llama", layers=6)
+    model = convert_model(hf, Layout(sections=2, mode=mode, bridge="attn", bridge_depth=1)).eval()
+    with torch.no_grad():
+        model.section_input.out.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    expected, _ = generate_verified(model, prompt, max_new_tokens=12)
+    calls = []
+
+    def other_order(side, main, device):
+        calls.append(device)
+        second = main()
+        return side(), second
+    monkeypatch.setattr(model_module, "run_concurrently", other_order)
+    out, _ = generate_verified(model, prompt, max_new_tokens=12)
+    assert calls and torch.equal(out, expected)
+    if mode == "verify":
+        assert torch.equal(out, hf_greedy(hf, prompt, 12))
