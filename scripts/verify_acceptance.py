@@ -50,12 +50,12 @@ def greedy(model, prompts, args):
 def main():
     args, path, record = named_models_cli(__doc__, "NAME=VERIFY_DIR", prompts=(int, 32), prompt_len=(int, 64),
                                           new_tokens=(int, 64), batch_size=(int, 8), reference=(str, "source"))
+    if args.reference not in ("source", "own"):
+        sys.exit("--reference is source or own")
     source, tokenizer = load_model(args.source)
     source = source.to(args.device)
     torch.set_grad_enabled(False)
     prompts = {n: load_packed(spec, tokenizer, args.prompt_len)[:args.prompts] for n, spec in HELDOUT.items()}
-    if args.reference not in ("source", "own"):
-        sys.exit("--reference is source or own")
     reference = {n: greedy(source, p, args) for n, p in prompts.items()} if args.reference == "source" else None
     record.update(machine=machine(args.device), source=args.source, prompts=args.prompts, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, batch_size=args.batch_size)

@@ -358,12 +358,19 @@ class StagForCausalLM(PreTrainedModel):
         """Section 1 over emb [B, T, d], without cross-attention (it has none). Returns (view, output):
         view is what section 2's bridge reads of each token, section 1's state after
         config.bridge_depth of its layers (the embedding itself at depth 0)."""
+        view = self.lower_layers(emb, place, cache, before_bridge=True)
+        return view, self.lower_layers(view, place, cache, before_bridge=False)
+
+    def lower_layers(self, x, place: Place, cache=None, *, before_bridge: bool):
+        """Section 1's layers over x [B, T, d] (no cross-attention): the config.bridge_depth layers the
+        bridge reads after (x itself at depth 0), or the rest of them."""
+        k = self.config.bridge_depth
+        if before_bridge and not k:
+            return x
         if place.rope is None:
             place.rope = self.rope_for(place)
-        rope, k = place.rope, self.config.bridge_depth
-        view = self.run_blocks(emb[None], slice(0, 1), place, cache, rope=rope, cross=False, depths=range(k)) if k else emb[None]
-        out = self.run_blocks(view, slice(0, 1), place, cache, rope=rope, cross=False, depths=range(k, self.config.depth))
-        return view[0], out[0]
+        depths = range(k) if before_bridge else range(k, self.config.depth)
+        return self.run_blocks(x[None], slice(0, 1), place, cache, rope=place.rope, cross=False, depths=depths)[0]
 
     def exact_cache_hidden(self, input_ids, attention_mask=None):
         """An exact-cache model's output [B, T, d]: section 2's draft row at every position i > 0 (the
@@ -490,21 +497,17 @@ class StagForCausalLM(PreTrainedModel):
         ones = torch.ones_like(tokens[:, :1], dtype=torch.bool)
         at_t = Place(place.slots[:, 1:], place.positions[:, 1:], place.key_valid, ones[:, 0], place.length)
         place.rope = self.rope_for(place)
-        k = self.config.bridge_depth
-        # At bridge_depth k > 0 section 1's first k layers give the bridge its view of the tokens first
-        view = self.run_blocks(emb[None], slice(0, 1), place, cache, rope=place.rope, cross=False,
-                               depths=range(k))[0] if k else emb
+        view = self.lower_layers(emb, place, cache, before_bridge=True)  # at bridge_depth k > 0: k layers first
         draft = self.section_inputs(view[:, 1:], view[:, :1], u_prev[None, :, None], ones, slice(1, 2), at_t, cache)[0]
         upper = torch.cat([u_prev[:, None].to(emb.dtype), draft], 1)
-        if not k:  # both sections from the first layer: one batched op per depth
+        if not self.config.bridge_depth:  # both sections from the first layer: one batched op per depth
             out = self.run_blocks(torch.stack([emb, upper]), slice(0, 2), place, cache, rope=place.rope, cross=False)
             return self.logits(out[1]), out[0]
         # then two independent chains: section 1's last layers (the next step's exact row) and section 2
         # with the head (this step's logits); on CUDA on two streams at once, so the step is k + L/2 layers
         # deep (devices.run_concurrently)
         lower, logits = run_concurrently(
-            lambda: self.run_blocks(view[None], slice(0, 1), place, cache, rope=place.rope, cross=False,
-                                    depths=range(k, self.config.depth))[0],
+            lambda: self.lower_layers(view, place, cache, before_bridge=False),
             lambda: self.logits(self.run_blocks(upper[None], slice(1, 2), place, cache, rope=place.rope, cross=False)[0]),
             emb.device)
         return logits, lower
