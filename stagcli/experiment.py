@@ -13,6 +13,7 @@ briefly here as the "source", so the full pipeline runs on a CPU in minutes (CI 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -36,6 +37,9 @@ VARIANT_TRAIN_KEYS = ("train", "cross_lr_scale", "hidden_weight")  # fine-tuning
 # ask for the same conversion and stage)
 VARIANT_BRIDGE_KEYS = ("calibrate", "calibrate_tokens", "bridge_train")
 VARIANT_KEYS = {*LAYOUT_FIELDS, "distill", *VARIANT_TRAIN_KEYS, *VARIANT_BRIDGE_KEYS}
+# `bench:` (decode speed of every fine-tuned variant, stag bench's engine for its form); prompt_data: real
+# text for the prompts (a data spec), which a verify variant's acceptance needs; default: random tokens
+BENCH_KEYS = {"batch_size", "prompt_len", "new_tokens", "repeats", "prompt_data"}
 
 
 def load_experiment(path, tiny: bool = False) -> dict:
@@ -45,6 +49,7 @@ def load_experiment(path, tiny: bool = False) -> dict:
         if "tiny" not in recipe:
             raise StagError(f"recipe {path} has no `tiny:` section for --tiny")
         recipe = _merge(recipe, recipe["tiny"])
+    check_keys(recipe.get("bench") or {}, BENCH_KEYS, f"recipe {path}: bench")
     for name, variant in (recipe.get("variants") or {}).items():
         check_keys(variant, VARIANT_KEYS, f"recipe {path}: variant {name}")
         variant_layout(variant)  # fail early on a bad value
@@ -169,7 +174,8 @@ def convert_and_finetune(name: str, variant: dict, source: str, recipe: dict, ou
 
 def prepare_bridged(name: str, variant: dict, layout: Layout, source: str, recipe: dict, out: Path, report) -> str:
     """Convert with a fitted bridge, then (bridge_train) train the bridge alone; variants asking for the
-    same conversion and stage share the result (OUT/bridged/<hash>). Returns the model to fine-tune."""
+    same conversion and stage share the result (OUT/bridged/<hash>; a verify variant shares the stage of
+    the exact-cache layout). Returns the model to fine-tune."""
     import hashlib
 
     from .convert import convert, load_model
@@ -179,6 +185,15 @@ def prepare_bridged(name: str, variant: dict, layout: Layout, source: str, recip
     spec = {k: variant.get(k) for k in VARIANT_BRIDGE_KEYS} | {
         "layout": {k: v for k, v in layout.as_dict().items() if v != defaults[k]}}
     root = out / "bridged" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    if layout.mode == "verify":
+        # a verify model's drafts are what an exact-cache model of the same layout outputs: fit and train
+        # the bridge in that form (shared with such a variant) and copy it in
+        twin = prepare_bridged(name, variant, dataclasses.replace(layout, mode="exact-cache"), source, recipe, out,
+                               report)
+        if not (root / "verify" / "config.json").is_file():
+            report(name, "converting with the trained bridge")
+            convert(source, str(root / "verify"), layout, force=True, bridge_from=twin)
+        return str(root / "verify")
     converted, trained = root / "converted", root / "bridge-trained"
     if not (converted / "config.json").is_file():
         report(name, "converting with a fitted bridge")
@@ -277,15 +292,15 @@ def offdomain_ppl(recipe: dict, source: str, entries: list[dict], report) -> dic
 
 
 def bench_variants(entries: list[dict], recipe: dict, report) -> dict:
-    from .bench import bench_engine
+    from .bench import bench_model
     settings = recipe.get("bench") or {}
     speeds = {}
     for entry in entries:
         report(entry["name"], "benchmarking decode")
-        speeds[entry["name"]] = bench_engine(entry["finetuned"], batch_size=settings.get("batch_size", 1),
-                                             prompt_len=settings.get("prompt_len", 32),
-                                             new_tokens=settings.get("new_tokens", 32),
-                                             repeats=settings.get("repeats", 3))
+        speeds[entry["name"]] = bench_model(entry["finetuned"], batch_size=settings.get("batch_size", 1),
+                                            prompt_len=settings.get("prompt_len", 32),
+                                            new_tokens=settings.get("new_tokens", 32),
+                                            repeats=settings.get("repeats", 3), prompt_data=settings.get("prompt_data"))
     return speeds
 
 
@@ -363,15 +378,19 @@ def summarise(recipe, source, entries, evaluation, speeds, scratch, seconds, tin
         row = {"variant": e["name"], "sections": e.get("sections", 1),
                "mode": e.get("mode", "split") if converted else "unconverted", "window": e.get("window"),
                "init": (e.get("bridge") or e.get("init", "zero")) if converted else "", "distill": bool(e.get("distill")),
-               "cross_attn": e.get("cross_attn", "sequential") if converted else "",
+               "cross_attn": variant_layout(e).config_fields()["cross_attn"] if converted else "",
                "cross_lr_scale": _run_config(e["finetuned"]).get("cross_lr_scale") if converted else None,
                "heldout_ppl_before": math.exp(curve[0]["heldout_loss"]),
                "heldout_ppl_after": math.exp(curve[-1]["heldout_loss"]), "tokens": curve[-1]["tokens"]}
         if control_ppl:
             row["ppl_vs_control"] = row["heldout_ppl_after"] / control_ppl - 1
+        if e.get("bridge_depth"):
+            row["bridge_depth"] = e["bridge_depth"]
         speed = speeds.get(e["name"])
         if speed:
             row["ms_per_token"] = speed["ms_per_token"]
+            if row["mode"] == "verify":  # an exact-cache model emits every draft: nothing to accept
+                row["acceptance"] = speed["acceptance"]
             if control_speed:
                 row["latency_vs_control"] = speed["ms_per_token"] / control_speed["ms_per_token"]
         rows.append(row)
@@ -421,7 +440,7 @@ def _plot(curves: dict, path: Path, title: str):
 
 
 def results_markdown(s: dict) -> str:
-    fmt = lambda v, spec=".2f": "" if v is None else format(v, spec)
+    fmt = lambda v, spec=".2f", unit="": "" if v is None else format(v, spec) + unit
     lines = [f"# Results: `{s['recipe']}`" + (" (--tiny)" if s["tiny"] else ""), "",
              f"- machine: {s['machine']}", *([f"- source: `{s['source']}`"] if s['source'] else []),
              f"- wall time: {s['seconds']} s",
@@ -429,14 +448,16 @@ def results_markdown(s: dict) -> str:
     if s["variants"]:
         lines += ["## Conversions, fine-tuned for the same token budget", "",
                   "| variant | sections | mode | window | init | cross-attn | cross lr x | distil | tokens | "
-                  "held-out ppl after convert | after fine-tune | vs control | decode ms/token | latency vs control |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "held-out ppl after convert | after fine-tune | vs control | decode ms/token | latency vs control | "
+                  "acceptance |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in s["variants"]:
-        lines.append(f"| {r['variant']} | {r['sections']} | {r['mode']} | {r['window'] or ''} | {r['init']} | "
+        mode = r["mode"] + (f", bridge depth {r['bridge_depth']}" if r.get("bridge_depth") else "")
+        lines.append(f"| {r['variant']} | {r['sections']} | {mode} | {r['window'] or ''} | {r['init']} | "
                      f"{r.get('cross_attn', '')} | {fmt(r.get('cross_lr_scale'), 'g')} | "
                      f"{'yes' if r['distill'] else ''} | {r['tokens']:,} | {fmt(r['heldout_ppl_before'])} | "
                      f"{fmt(r['heldout_ppl_after'])} | {fmt(r.get('ppl_vs_control'), '+.1%')} | "
-                     f"{fmt(r.get('ms_per_token'))} | {fmt(r.get('latency_vs_control'), '.2f')}x |")
+                     f"{fmt(r.get('ms_per_token'))} | {fmt(r.get('latency_vs_control'), unit='x')} | "
+                     f"{fmt(r.get('acceptance'))} |")
     if s["tasks"]:
         lines += ["", "## lm-eval tasks", "", "| task | metric | " + " | ".join(s["task_models"]) + " |",
                   "|---|---|" + "---|" * len(s["task_models"])]

@@ -87,6 +87,9 @@ def test_experiment_bad_recipe(tmp_path):
     bad.write_text("variants: {a: {sections: 2}}\n")
     result = runner.invoke(app, ["experiment", str(bad), "--out", str(tmp_path / "w")])
     assert result.exit_code == 2 and "need a source" in result.output
+    bad.write_text("source: x\nvariants: {a: {sections: 2}}\nbench: {batch_size: 1, prompt: kjv:heldout}\n")
+    result = runner.invoke(app, ["experiment", str(bad), "--out", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "['prompt']" in result.output and not (tmp_path / "w").exists()
 
 
 @needs_bible
@@ -141,7 +144,8 @@ def test_experiment_bad_selection(tmp_path, option, value, expected):
 @needs_bible
 def test_bridged_variant_with_a_bridge_stage_and_offdomain_scores(tiny_run, tmp_path):
     """A variant with a fitted bridge, a bridge-only training stage, then the fine-tune; the recipe's
-    `offdomain:` text is scored for the source and every variant (here: held-out KJV as a stand-in)."""
+    `offdomain:` text is scored for the source and every variant (here: held-out KJV as a stand-in).
+    A verify variant takes the exact-cache variant's trained bridge; both decode in the bench."""
     import shutil
 
     import yaml
@@ -153,19 +157,27 @@ def test_bridged_variant_with_a_bridge_stage_and_offdomain_scores(tiny_run, tmp_
                                 "eval_sequences": 4}}
     recipe["tiny"]["variants"] = {"control": {"sections": 1}, "split2-bridge": bridged,
                                   "exact-cache-bridge": {**bridged, "mode": "exact-cache"},
-                                  "exact-cache-depth1": {**bridged, "mode": "exact-cache", "bridge_depth": 1}}
+                                  "exact-cache-depth1": {**bridged, "mode": "exact-cache", "bridge_depth": 1},
+                                  "verify-depth1": {**bridged, "mode": "verify", "bridge_depth": 1}}
     recipe["offdomain"] = {"data": "kjv:heldout", "sequences": 4, "seq_len": 64}
+    recipe["tiny"]["bench"] = {**recipe["tiny"]["bench"], "prompt_data": "kjv:heldout"}  # acceptance on real text
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     shutil.copytree(tiny_run[0] / "source", tmp_path / "work" / "source")
     summary = run_experiment(tmp_path / "recipe.yaml", tmp_path / "work", tmp_path / "results", tiny=True,
-                             max_tokens=2 * 8 * 64, skip=["eval", "bench", "scratch"])
+                             max_tokens=2 * 8 * 64, skip=["eval", "scratch"])
     rows = {r["variant"]: r for r in summary["variants"]}
     assert rows["split2-bridge"]["init"] == "mlp" and rows["split2-bridge"]["tokens"] == 2 * 8 * 64
     stage = list((tmp_path / "work" / "bridged").glob("*/bridge-trained/metrics.jsonl"))
     assert len(stage) == 3 and all("bridge_mse" in s.read_text() for s in stage)  # one conversion per layout
     depths = sorted(json.loads(c.read_text()).get("bridge_depth") for c in (tmp_path / "work" / "bridged").glob("*/converted/config.json"))
-    assert depths == [0, 0, 1]
+    assert depths == [0, 0, 1]  # the verify variant trained no bridge of its own
+    verify = json.loads(next((tmp_path / "work" / "bridged").glob("*/verify/config.json")).read_text())
+    assert verify["verified"] and not verify["exact_cache"] and verify["bridge_depth"] == 1
+    # its forward is the source's computation: it starts where the control starts
+    assert rows["verify-depth1"]["heldout_ppl_before"] == pytest.approx(rows["control"]["heldout_ppl_before"], rel=1e-4)
+    assert 0 <= rows["verify-depth1"]["acceptance"] <= 1 and "acceptance" not in rows["exact-cache-depth1"]
+    assert all(row["ms_per_token"] > 0 for row in rows.values())  # every form benched with its own engine
     assert set(summary["offdomain"]["ratio"]) == {"source", "control", "split2-bridge", "exact-cache-bridge",
-                                                  "exact-cache-depth1"}
+                                                  "exact-cache-depth1", "verify-depth1"}
     assert summary["offdomain"]["ratio"]["source"] == 1.0
     assert "Off-domain perplexity" in (tmp_path / "results" / "results.md").read_text()
