@@ -12,7 +12,7 @@
 #   accept   verified staggering with that bridge: acceptance, output identical to the source's
 #   depth    exact-cache with --bridge-depth 4 (the bridge reads section 1's state after 4 layers): fitted,
 #            trained through that form as in `bridge`, ppl ratios; verify shape check at that depth;
-#            decode ms/token of depths 0 and 4 against the source (gpu_decode.py)
+#            decode ms/token of depths 0, 4 and 8 against the source (gpu_decode.py)
 #   e2e      the control and the bridged split model, each fine-tuned on $E2E_TOKENS KJV tokens
 #            (default 524,288) with the same settings, then ppl ratios of both
 # Results (JSON, metrics.jsonl) go to $OUT, or docs/results/bridge/gpu. SMALL=1 shrinks every budget,
@@ -67,8 +67,9 @@ if run depth; then
       exact-cache-depth4-attn-gpu=$W/ec-d4-bridge
   timeout 150 python3 scripts/gpu_verify_shape.py --bridge-depth 4 --out "$R/verify-shape-depth4.json"
   # its speed: section 2 and the rest of section 1 on two streams ("(no compile)" rows) against the source
-  timeout 300 python3 scripts/gpu_decode.py --forms exact-cache-attn,exact-cache-depth4-attn,verify-depth4-attn \
-      --batches 1 --no-hf --out "$R/decode-depth4.json"
+  # (and at depth 8: docs/bridge.md, "How deep?", orders the depths by a depth model this measures)
+  timeout 420 python3 scripts/gpu_decode.py --batches 1 --no-hf --out "$R/decode-depth4.json" \
+      --forms exact-cache-attn,exact-cache-depth4-attn,verify-depth4-attn,exact-cache-depth8-attn,verify-depth8-attn
 fi
 if run e2e; then
   common=(--data kjv:train --heldout kjv:heldout --seq-len $SEQ --batch-size $BATCH --lr 2e-4 --warmup-steps 10

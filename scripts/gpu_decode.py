@@ -36,6 +36,8 @@ FORMS = {  # name -> Layout fields; order = priority
     "exact-cache-attn": dict(sections=2, mode="exact-cache", bridge="attn"),
     "exact-cache-depth4-attn": dict(sections=2, mode="exact-cache", bridge="attn", bridge_depth=4),
     "verify-depth4-attn": dict(sections=2, mode="verify", bridge="attn", bridge_depth=4),
+    "exact-cache-depth8-attn": dict(sections=2, mode="exact-cache", bridge="attn", bridge_depth=8),
+    "verify-depth8-attn": dict(sections=2, mode="verify", bridge="attn", bridge_depth=8),
     "split3": dict(sections=3),
     "shared2": dict(sections=2, mode="shared"),
 }
