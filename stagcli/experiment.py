@@ -1,10 +1,11 @@
 """`stag experiment RECIPE`: the whole pipeline on one model, end to end.
 
-1. convert the source in every form the recipe lists (split p=2 zero/lagged, p=3, shared, windowed);
+1. convert the source in every form the recipe lists (split p=2 zero/lagged, p=3, shared, windowed; with
+   a bridge fitted and trained first: split, exact-cache, verify);
 2. fine-tune each for the same token budget (distilling from the source where asked);
 3. fine-tune the unconverted model on the same data and budget: the control;
 4. evaluate all of them (held-out perplexity during training, lm-eval tasks at the end);
-5. benchmark decode speed with the same engine;
+5. benchmark decode speed, each form on the engine it decodes with (verify: with its acceptance);
 6. train the paper's Table 1 from scratch at small scale (12L, 6L, 2x6 separate, 2x6 shared);
 7. write results.json, results.md and loss-vs-tokens plots.
 
