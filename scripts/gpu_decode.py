@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_shape_checkpoint import SHAPES  # noqa: E402
-from stagcli.bench import bench_engine, bench_hf_generate, bench_verified, machine  # noqa: E402
+from stagcli.bench import bench_engine, bench_for, bench_hf_generate, bench_verified, machine  # noqa: E402
 from stagcli.convert import convert_model  # noqa: E402
 from stagcli.layout import Layout  # noqa: E402
 
@@ -109,13 +109,11 @@ def main():
             traceback.print_exc()
             failures.append({"name": form, "error": f"convert: {type(e).__name__}: {e}"})
             continue
+        timed = bench_for(model)
         for b in batches:
-            if form.startswith(("verify", "exact-cache")):
-                attempt(form, b, lambda: bench_verified(model, b, compile=compile, **common))
-                if compile:  # the captured graph alone, in case compile is what breaks
-                    attempt(form + " (no compile)", b, lambda: bench_verified(model, b, compile=False, **common))
-            else:
-                attempt(form, b, lambda: bench_engine(model, b, compile=compile, **common))
+            attempt(form, b, lambda: timed(model, b, compile=compile, **common))
+            if compile and timed is bench_verified:  # the captured graph alone, in case compile is what breaks
+                attempt(form + " (no compile)", b, lambda: bench_verified(model, b, compile=False, **common))
         model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -174,16 +174,20 @@ def bench_verified(model, batch_size: int = 1, prompt_len: int = 128, new_tokens
             "ops_per_step": count_verified_ops(model, batch_size)}
 
 
+def bench_for(model):
+    """The timing of the engine a model decodes with (stag generate's choice): bench_verified for verify
+    and exact-cache models, bench_engine otherwise."""
+    return bench_verified if getattr(model.config, "verified", False) else bench_engine
+
+
 def bench_model(model_path, batch_size: int = 1, prompt_data=None, **settings) -> dict:
-    """A checkpoint on the engine it decodes with (stag generate's choice): bench_verified for verify
-    and exact-cache models, bench_engine otherwise. prompt_data: prompts of real text (a data spec)
-    instead of random tokens; settings: those of bench_engine / bench_verified."""
+    """A checkpoint timed on its own engine (bench_for). prompt_data: prompts of real text (a data
+    spec) instead of random tokens; settings: those of bench_engine / bench_verified."""
     from .convert import load_model
     model, tokenizer = load_model(str(model_path), settings.get("dtype", "float32"))
     if prompt_data:
         settings["prompt"] = prompts_from(prompt_data, tokenizer, batch_size, settings.get("prompt_len", 128))
-    verified = getattr(model.config, "verified", False)
-    return (bench_verified if verified else bench_engine)(model, batch_size, **settings)
+    return bench_for(model)(model, batch_size, **settings)
 
 
 def bench_hf_generate(source, batch_size: int = 1, prompt_len: int = 128, new_tokens: int = 128,
@@ -261,8 +265,7 @@ def run_bench(model_path: str, baseline: str | None = None, batch_sizes=(1, 4, 1
         base_model = convert_model(hf_model)
     prompt = (lambda b: prompts_from(prompt_data, tokenizer, b, prompt_len)) if prompt_data else (lambda b: None)
     for batch in batch_sizes:
-        jobs.append(("staggered", batch, lambda b: (bench_verified if verified else bench_engine)(
-            model, b, compile=compile, prompt=prompt(b), **common)))
+        jobs.append(("staggered", batch, lambda b: bench_for(model)(model, b, compile=compile, prompt=prompt(b), **common)))
         if baseline:
             jobs.append(("baseline (same engine)", batch,
                          lambda b: bench_engine(base_model, b, compile=compile, prompt=prompt(b), **common)))
